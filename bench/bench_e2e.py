@@ -1,0 +1,246 @@
+"""End-to-end CPU benchmark: one LoRA fine-tuning run per contender, each in its own process.
+
+    python bench/bench_e2e.py one --contender trl_default --seconds 150 --out out.json   # one run
+    python bench/bench_e2e.py all --seconds 150 --repeats 2                              # the comparison
+
+Every contender gets the same model object type (SmolLM2-135M-Instruct, bf16 weights), the
+same LoRA (r=16, alpha=32, all linear layers), the same data (bench/datasets.py, prompt/completion
+flavour, completion-only loss), batch 4 x accumulation 2, max length 1024, seed 42.
+
+What is measured, identically for every contender:
+- non-padding tokens per second: tokens are counted in the data collator (a wrapper around the
+  contender's own collator: attention_mask.sum() for padded batches, the row length for
+  padding-free ones), time is wall time between optimizer steps; the first `--warmup` optimizer
+  steps are excluded (allocator warm-up, lazy init);
+- peak RSS of the process (ru_maxrss), which includes loading the model and preparing the data;
+- the loss at every optimizer step, against the number of supervised tokens seen.
+
+A run stops after `--seconds` of measured training (checked at every optimizer step) or
+`--max-steps`, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# run as a script, bench/ would be sys.path[0]; import bench modules as `bench.x` from the repo
+# root instead, so that nothing in bench/ can shadow an installed package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))
+
+BATCH, ACCUM, MAX_LENGTH, LR, SEED = 4, 2, 1024, 2e-4, 42
+
+# contender -> (library, config overrides). "Tuned" TRL is what its docs recommend for speed:
+# BFD packing (which turns padding-free on) and no gradient checkpointing.
+CONTENDERS = {
+    "trl_default": ("trl", {}),
+    "trl_tuned": ("trl", {"packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False}),
+    "tunesmith": ("tunesmith", {}),
+    "tunesmith_packed": ("tunesmith", {"packing": True}),
+}
+
+
+class TokenCounter:
+    """Wraps a data collator and counts the non-padding tokens of every batch it builds."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.tokens = 0
+        self.slots = 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        if "attention_mask" in batch:
+            self.tokens += int(batch["attention_mask"].sum())
+        else:  # padding-free: one row of real tokens only
+            self.tokens += int(batch["input_ids"].numel())
+        self.slots += int(batch["input_ids"].numel())
+        return batch
+
+
+def bench_records(n: int):
+    from bench.datasets import make_dataset
+
+    return make_dataset(n, flavour="prompt_completion", seed=SEED)
+
+
+def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examples: int) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from datasets import Dataset
+    from tunesmith.models.load import default_model_path
+
+    library, overrides = CONTENDERS[contender]
+    torch.manual_seed(SEED)
+    model_dir = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    dataset = Dataset.from_list(bench_records(n_examples))
+    lora = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    common = dict(
+        output_dir=f"/tmp/tunesmith-bench/{contender}",
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM,
+        max_length=MAX_LENGTH,
+        learning_rate=LR,
+        bf16=True,
+        logging_steps=1,
+        max_steps=max_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=SEED,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    common.update(overrides)
+    if library == "trl":
+        from trl import SFTConfig, SFTTrainer
+    else:
+        from tunesmith import SFTConfig, SFTTrainer
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**common),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+
+    record = {"steps": [], "losses": []}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            record["steps"].append((state.global_step, now, counter.tokens, counter.slots))
+            if state.global_step > warmup and now - record["steps"][warmup][1] >= seconds:
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                record["losses"].append((state.global_step, float(logs["loss"])))
+
+    trainer.add_callback(Clock())
+    # get_train_dataloader is built lazily inside train(), after our collator swap
+    trainer.train()
+    steps = record["steps"]
+    (s0, t0, tok0, slot0), (s1, t1, tok1, slot1) = steps[warmup], steps[-1]
+    return {
+        "contender": contender,
+        "library": library,
+        "overrides": overrides,
+        "measured_steps": s1 - s0,
+        "seconds": t1 - t0,
+        "tokens_per_s": (tok1 - tok0) / (t1 - t0),
+        "padding_fraction": 1 - (tok1 - tok0) / max(slot1 - slot0, 1),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "losses": record["losses"],
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_all(args) -> None:
+    results: dict[str, list[dict]] = {c: [] for c in args.contenders}
+    out_dir = HERE / "out"
+    out_dir.mkdir(exist_ok=True)
+    for repeat in range(args.repeats):
+        # alternate the order between repeats so that drift (thermal, other load) hits everyone
+        order = args.contenders if repeat % 2 == 0 else list(reversed(args.contenders))
+        for contender in order:
+            out = out_dir / f"e2e_{contender}_{repeat}.json"
+            cmd = [
+                sys.executable, __file__, "one", "--contender", contender, "--seconds", str(args.seconds),
+                "--max-steps", str(args.max_steps), "--warmup", str(args.warmup), "--examples", str(args.examples),
+                "--out", str(out),
+            ]  # fmt: skip
+            print("running", " ".join(cmd[1:]), flush=True)
+            subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            results[contender].append(json.loads(out.read_text()))
+    summary = {
+        c: {
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs),
+            "padding_fraction": statistics.median(r["padding_fraction"] for r in runs),
+            "runs": len(runs),
+        }
+        for c, runs in results.items()
+    }
+    (out_dir / "e2e_summary.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    print(format_table(summary))
+    plot(results, out_dir.parent / "e2e_cpu.png")
+
+
+def format_table(summary: dict) -> str:
+    base = summary.get("trl_default")
+    rows = [
+        "| contender | non-pad tokens/s | × TRL default | peak RSS (GB) | × TRL default | padding |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, s in summary.items():
+        speed = f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+        mem = f"{s['peak_rss_gb'] / base['peak_rss_gb']:.2f}" if base else "-"
+        rows.append(
+            f"| {c} | {s['tokens_per_s']:.1f} | {speed} | {s['peak_rss_gb']:.2f} | {mem} | {s['padding_fraction']:.0%} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(results)
+    ax_speed.bar(names, [statistics.median(r["tokens_per_s"] for r in results[n]) for n in names])
+    ax_speed.set_ylabel("non-padding tokens / s")
+    ax_speed.set_title("LoRA on SmolLM2-135M, 2-core CPU")
+    ax_speed.tick_params(axis="x", rotation=20)
+    for n in names:
+        steps, losses = zip(*results[n][0]["losses"]) if results[n][0]["losses"] else ((), ())
+        ax_loss.plot(steps, losses, label=n)
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("mode", choices=["one", "all"])
+    parser.add_argument("--contender", choices=list(CONTENDERS))
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS))
+    parser.add_argument("--seconds", type=float, default=150.0, help="measured training time per run")
+    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from timing")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--examples", type=int, default=2000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.mode == "one":
+        result = run_one(args.contender, args.seconds, args.max_steps, args.warmup, args.examples)
+        args.out.write_text(json.dumps(result))
+        print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
+    else:
+        run_all(args)
+
+
+if __name__ == "__main__":
+    main()
