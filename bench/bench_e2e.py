@@ -75,10 +75,9 @@ def bench_records(n: int):
 
 def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examples: int) -> dict:
     import torch
+    from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
-    from datasets import Dataset
     from tunesmith.models.load import default_model_path
 
     library, overrides = CONTENDERS[contender]
