@@ -1,0 +1,263 @@
+"""Attention over padding-free packed rows that stays per document.
+
+A padding-free batch is one row of several documents, e.g. three documents of 3, 2 and 3 tokens:
+
+    input_ids     a0 a1 a2 b0 b1 c0 c1 c2
+    position_ids   0  1  2  0  1  0  1  2
+    cu_seq_lens    [0, 3, 5, 8]
+
+Each document must attend only to itself, causally. transformers' sdpa path gets this right by
+building a dense (T × T) block-diagonal mask, so attention costs T² for the whole row (16 ×
+256-token documents → 4,096² instead of 16 × 256²) and sdpa cannot use its causal fast path.
+
+`use_varlen_attention(model)` registers, by an explicit call and in transformers' public
+registries, an attention function `"tunesmith_varlen"` and a mask function that builds no dense
+mask for packed rows. The attention function cuts the row at document starts (from
+`cu_seq_lens_q` when the collator passes it, else from where `position_ids` restart), batches
+documents of equal length together and runs causal sdpa on each group: cost Σ(length²).
+On CUDA it uses `torch.nn.attention.varlen.varlen_attn` (FlashAttention varlen) when it can.
+Padded batches (an `attention_mask`) and decoding with a cache behave exactly like "sdpa".
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ATTENTION_NAME", "use_varlen_attention", "restore_attention", "varlen_attention_forward"]
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_NAME = "tunesmith_varlen"
+
+
+def use_varlen_attention(model) -> str:
+    """Switch `model` (a PreTrainedModel or a PeftModel around one) to "tunesmith_varlen".
+
+    Registers the attention and mask functions (idempotent) and returns the implementation the
+    model used before, to give back to `restore_attention`.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, varlen_mask)
+    base = _base_model(model)
+    previous = base.config._attn_implementation
+    base.set_attn_implementation(ATTENTION_NAME)
+    logger.info("attention: %s -> %s (packed documents attend per document)", previous, ATTENTION_NAME)
+    return previous
+
+
+def restore_attention(model, previous: str) -> None:
+    """Undo `use_varlen_attention`: set the implementation it returned."""
+    _base_model(model).set_attn_implementation(previous)
+
+
+def _base_model(model):
+    # PeftModel / LoraModel wrap the PreTrainedModel; set_attn_implementation lives on the latter.
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    if not hasattr(base, "set_attn_implementation"):
+        raise TypeError(
+            f"use_varlen_attention: {type(model).__name__} is not a transformers PreTrainedModel (or a PEFT "
+            "model around one), so its attention implementation cannot be switched"
+        )
+    return base
+
+
+def varlen_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+):
+    """Mask function for "tunesmith_varlen" in transformers' AttentionMaskInterface.
+
+    Without a padding mask and without a cache offset (training on packed or unpadded rows) it
+    returns None: the attention function finds document boundaries itself, so no (T × T) mask is
+    ever built. Otherwise (padded batches, generation) it returns exactly what "sdpa" would.
+    """
+    if attention_mask is None and q_length == kv_length and _is_zero(q_offset) and _is_zero(kv_offset):
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
+
+
+def _is_zero(offset) -> bool:
+    return bool(offset == 0)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function. query (B, Hq, T, D), key/value (B, Hkv, S, D) ->
+    (B, T, Hq, D), None."""
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise ValueError(
+            "tunesmith_varlen attention is causal only; this module asked for bidirectional attention. "
+            "Use attn_implementation='sdpa' for it."
+        )
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None or q_len != kv_len:
+        # Padded batch or generation with a cache: the dense mask from `varlen_mask` is sdpa's.
+        if softcap is not None:
+            raise ValueError(
+                "tunesmith_varlen: attention logit soft-capping (e.g. Gemma-2) is supported on packed rows "
+                "only, not with a padding mask or a KV cache; use attn_implementation='eager' there"
+            )
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    starts_lengths = _documents(kwargs, query.shape[0], q_len)
+    out = torch.empty(
+        (query.shape[0], q_len, query.shape[1], value.shape[-1]), dtype=query.dtype, device=query.device
+    )  # (B, T, Hq, D)
+    n_rep = query.shape[1] // key.shape[1]
+    for b, (starts, lengths) in enumerate(starts_lengths):
+        out[b] = _attend_row(
+            query[b], key[b], value[b], starts, lengths, n_rep, dropout, scaling, sliding_window, softcap
+        )
+    return out, None
+
+
+def _documents(kwargs: dict, batch_size: int, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """(starts, lengths) of the documents of each row, from cu_seq_lens_q or position_ids restarts.
+
+    position_ids [[0, 1, 2, 0, 1, 0, 1, 2]] -> [([0, 3, 5], [3, 2, 3])]
+    """
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        cu = [int(x) for x in cu.tolist()]
+        if batch_size != 1 or cu[0] != 0 or cu[-1] != seq_len:
+            raise ValueError(
+                f"tunesmith_varlen: cu_seq_lens_q {cu[:4]}...{cu[-1]} does not describe one row of {seq_len} "
+                f"tokens (batch size {batch_size}); padding-free batches are a single row whose documents sum "
+                "to its length (see data/collate.py)"
+            )
+        return [(cu[:-1], [b - a for a, b in zip(cu[:-1], cu[1:])])]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        return [([0], [seq_len])] * batch_size
+    position_ids = position_ids.expand(batch_size, -1)
+    # A document starts wherever the position does not continue the previous one.
+    restart = torch.ones_like(position_ids, dtype=torch.bool)
+    restart[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    rows = []
+    for row in restart:
+        starts = row.nonzero().squeeze(1).tolist()
+        rows.append((starts, [b - a for a, b in zip(starts, starts[1:] + [seq_len])]))
+    return rows
+
+
+def _attend_row(q, k, v, starts, lengths, n_rep, dropout, scaling, sliding_window, softcap):
+    """One packed row: q (Hq, T, D), k/v (Hkv, T, D) -> (T, Hq, D)."""
+    max_len = max(lengths)
+    window = sliding_window if sliding_window is not None and sliding_window < max_len else None
+    if q.is_cuda and softcap is None and dropout == 0.0 and len(starts) > 1:
+        out = _flash_varlen(q, k, v, starts, lengths, scaling, window)
+        if out is not None:
+            return out
+    if len(starts) == 1:
+        return _attend_group(q[None], k[None], v[None], n_rep, dropout, scaling, window, softcap)[
+            0
+        ].transpose(0, 1)
+    out = q.new_empty((q.shape[1], q.shape[0], v.shape[-1]))  # (T, Hq, D)
+    by_length: dict[int, list[int]] = {}
+    for start, length in zip(starts, lengths):
+        by_length.setdefault(length, []).append(start)
+    for length, group_starts in by_length.items():
+        # (n_docs, L) token indices of the documents of this length
+        idx = (
+            torch.tensor(group_starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
+        ).flatten()
+        n_docs = len(group_starts)
+        qg = q.index_select(1, idx).unflatten(1, (n_docs, length)).transpose(0, 1)  # (n_docs, Hq, L, D)
+        kg = k.index_select(1, idx).unflatten(1, (n_docs, length)).transpose(0, 1)  # (n_docs, Hkv, L, D)
+        vg = v.index_select(1, idx).unflatten(1, (n_docs, length)).transpose(0, 1)
+        og = _attend_group(qg, kg, vg, n_rep, dropout, scaling, window, softcap)  # (n_docs, Hq, L, D)
+        out[idx] = og.transpose(1, 2).flatten(0, 1)  # (n_docs * L, Hq, D)
+    return out
+
+
+def _attend_group(q, k, v, n_rep, dropout, scaling, window, softcap):
+    """Causal attention within each of a group of equal-length documents. q (G, Hq, L, D),
+    k/v (G, Hkv, L, D) -> (G, Hq, L, D)."""
+    if n_rep > 1:
+        # repeat_interleave matches transformers' repeat_kv: query head h reads kv head h // n_rep.
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    length = q.shape[2]
+    if softcap is None and window is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+    i = torch.arange(length, device=q.device)
+    allowed = i[:, None] >= i[None, :]  # (L, L) causal
+    if window is not None:
+        allowed &= (i[:, None] - i[None, :]) < window  # transformers: kv_idx > q_idx - sliding_window
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+    # Soft-capped scores (Gemma-2) are not expressible in sdpa: the same math, per document.
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (G, Hq, L, L)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, v)
+
+
+def _flash_varlen(q, k, v, starts, lengths, scaling, window):
+    """FlashAttention varlen through torch (CUDA only). q (Hq, T, D) -> (T, Hq, D), or None when
+    this device/dtype cannot run it (then the per-group sdpa path runs)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    cu = torch.tensor([*starts, starts[-1] + lengths[-1]], dtype=torch.int32, device=q.device)
+    window_size = (-1, 0) if window is None else (window - 1, 0)
+    try:
+        return varlen_attn(
+            q.transpose(0, 1),  # (T, Hq, D)
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            cu,
+            cu,
+            max(lengths),
+            max(lengths),
+            scale=scaling,
+            window_size=window_size,
+            enable_gqa=q.shape[0] != k.shape[0],
+        )
+    except (RuntimeError, NotImplementedError) as err:  # e.g. an unsupported head size or GPU
+        logger.warning(
+            "tunesmith_varlen: FlashAttention varlen unavailable (%s); using per-document sdpa", err
+        )
+        return None

@@ -1,0 +1,201 @@
+"""Packed documents never see each other (issue 3's acceptance test) and tunesmith_varlen keeps
+attention per document.
+
+Each test builds a tiny model from a config (2 layers, hidden 64, random weights), packs a few
+documents into one padding-free row, and checks that the logits of every document equal the
+logits of that document run alone, to fp32 rounding (atol 1e-5: the only difference is the
+order of floating-point sums inside the attention kernels).
+"""
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+)
+
+from tunesmith.ops.attention import ATTENTION_NAME, restore_attention, use_varlen_attention, varlen_mask
+
+ATOL = 1e-5
+LENGTHS = [5, 7, 5, 3, 7]  # two pairs of equal lengths: exercises the grouping by length
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA: 2 query heads per kv head
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON),
+    "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
+    "phi3": lambda: Phi3Config(**COMMON),
+}
+
+
+def build(config, attn_implementation: str):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def packed_batch(lengths=LENGTHS, vocab=128, seed=1):
+    """One padding-free row, as data/collate.py emits it."""
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(3, vocab, (n,), generator=g) for n in lengths]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    batch = {
+        "input_ids": torch.cat(docs)[None],
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
+    return docs, batch
+
+
+@torch.no_grad()
+def packed_vs_alone(model, docs, batch, **forward_kwargs):
+    packed = model(**batch, **forward_kwargs).logits[0]  # (T, V)
+    alone = torch.cat([model(input_ids=d[None], use_cache=False).logits[0] for d in docs])
+    return (packed - alone).abs().max().item()
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_transformers_isolates_packed_documents_from_position_ids_without_cache(arch, impl):
+    # eager/sdpa get no cu_seq_lens (they build a block-diagonal mask from position_ids restarts);
+    # this holds only with use_cache=False, see the next test.
+    docs, batch = packed_batch()
+    model = build(CONFIGS[arch](), impl)
+    batch = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    assert packed_vs_alone(model, docs, batch, use_cache=False) < ATOL
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_transformers_leaks_across_documents_when_a_cache_is_built(impl):
+    # transformers 5.23 (masking_utils._preprocess_mask_arguments) looks for position_ids restarts
+    # only when past_key_values is None; with config.use_cache=True (the default, in train mode
+    # too) the model makes a DynamicCache and packed documents attend to each other. The trainer
+    # must therefore run with use_cache=False. If this starts failing, transformers fixed it.
+    docs, batch = packed_batch()
+    model = build(CONFIGS["llama"](), impl)
+    batch = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    assert packed_vs_alone(model, docs, batch) > 1e-3
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_varlen_isolates_packed_documents(arch, use_cache):
+    docs, batch = packed_batch()
+    model = build(CONFIGS[arch](), "sdpa")
+    assert use_varlen_attention(model) == "sdpa"
+    assert model.config._attn_implementation == ATTENTION_NAME
+    assert packed_vs_alone(model, docs, batch, use_cache=use_cache) < ATOL
+
+
+def test_varlen_finds_documents_from_position_ids_when_cu_seq_lens_are_absent():
+    docs, batch = packed_batch()
+    model = build(CONFIGS["llama"](), "sdpa")
+    use_varlen_attention(model)
+    batch = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    assert packed_vs_alone(model, docs, batch) < ATOL
+
+
+def test_varlen_applies_a_sliding_window_shorter_than_a_document():
+    # Mistral with a 4-token window and documents of up to 7 tokens: inside a document the window
+    # bites, so "alone" (eager, dense windowed mask) differs from plain causal attention.
+    config = MistralConfig(**{**COMMON, "sliding_window": 4})
+    docs, batch = packed_batch()
+    model = build(config, "eager")
+    use_varlen_attention(model)
+    assert packed_vs_alone(model, docs, batch) < ATOL
+    model_no_window = build(MistralConfig(**COMMON), "eager")
+    with torch.no_grad():
+        d = docs[1][None]
+        assert (model(input_ids=d).logits - model_no_window(input_ids=d).logits).abs().max() > 1e-3
+
+
+def test_varlen_supports_attention_softcapping_on_packed_rows():
+    # Gemma-2: attention logits soft-capped at 5.0 (small, so the cap matters for random weights).
+    config = Gemma2Config(
+        **COMMON, head_dim=16, attn_logit_softcapping=5.0, sliding_window=4, query_pre_attn_scalar=16
+    )
+    docs, batch = packed_batch()
+    model = build(config, "eager")
+    use_varlen_attention(model)
+    assert packed_vs_alone(model, docs, batch) < ATOL
+
+
+def test_padded_batch_through_varlen_equals_sdpa():
+    torch.manual_seed(3)
+    ids = torch.randint(3, 128, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, 6:] = 0  # right padding
+    mask[2, :4] = 0  # left padding
+    sdpa = build(CONFIGS["qwen2"](), "sdpa")
+    varlen = build(CONFIGS["qwen2"](), "sdpa")
+    use_varlen_attention(varlen)
+    with torch.no_grad():
+        expected = sdpa(input_ids=ids, attention_mask=mask).logits
+        got = varlen(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (expected[real] - got[real]).abs().max().item() == 0.0  # same code path: bitwise equal
+
+
+def test_gradients_match_per_document_runs():
+    # Training needs the backward too: d(sum of packed logits)/d(weights) equals the sum over
+    # documents of the same gradient from each document alone.
+    docs, batch = packed_batch(lengths=[4, 6, 4])
+    model = build(CONFIGS["llama"](), "sdpa").train()
+    use_varlen_attention(model)
+    model(**batch).logits.sum().backward()
+    packed = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    for d in docs:
+        model(input_ids=d[None]).logits.sum().backward()
+    alone = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert torch.allclose(packed, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_mask_function_builds_no_dense_mask_for_packed_rows():
+    # The point of the mask function: no (T × T) tensor for a packed row, sdpa's mask otherwise.
+    assert varlen_mask(batch_size=1, q_length=4096, kv_length=4096) is None
+    padding = torch.tensor([[True, True, False]])
+    dense = varlen_mask(batch_size=1, q_length=3, kv_length=3, attention_mask=padding)
+    assert dense.shape == (1, 1, 3, 3)
+    assert dense[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, False]]
+
+
+def test_restore_attention_and_peft_models():
+    from peft import LoraConfig, get_peft_model
+
+    model = build(CONFIGS["llama"](), "sdpa")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    previous = use_varlen_attention(peft_model)
+    assert (previous, model.config._attn_implementation) == ("sdpa", ATTENTION_NAME)
+    docs, batch = packed_batch()
+    assert packed_vs_alone(peft_model, docs, batch) < ATOL
+    restore_attention(peft_model, previous)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_cu_seq_lens_that_do_not_cover_the_row_are_an_error():
+    docs, batch = packed_batch()
+    model = build(CONFIGS["llama"](), "sdpa")
+    use_varlen_attention(model)
+    bad = {**batch, "cu_seq_lens_q": torch.tensor([0, 5, 12], dtype=torch.int32)}  # sums to 12, row has 27
+    with pytest.raises(ValueError, match="does not describe one row of 27 tokens"):
+        model(**bad)
