@@ -1,0 +1,348 @@
+"""Read training rows from wherever they live: files, folders, `datasets` objects, Python lists,
+or the Hugging Face Hub.
+
+Files are checked line by line *before* `datasets` parses them, so a bad line is reported as
+`data.jsonl:17: ...` with the parser's reason instead of an Arrow stack trace. Nothing here
+looks at what the columns mean; that is `formats.py`.
+
+    >>> ds = load_source([{"text": "hello"}, {"text": "world"}])
+    >>> ds.column_names, len(ds)
+    (['text'], 2)
+    >>> describe_source([{"text": "hello"}, {"text": "world"}])
+    '<list of 2 dicts>'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# file suffix -> the `datasets` builder that reads it
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+# "train", "train[:100]", "train[10:20]", "test[:10%]"
+_SPLIT_RE = re.compile(
+    r"^\s*(?P<name>[\w.-]+)\s*(?:\[\s*(?P<start>-?\d+%?)?\s*:\s*(?P<end>-?\d+%?)?\s*\])?\s*$"
+)
+
+
+class DataError(ValueError):
+    """A problem with the user's data, worded for the user: what, where, and how to fix it."""
+
+
+def describe_source(source) -> str:
+    """A short human name for `source`, used in messages and cache fingerprints.
+
+    `"data/train.jsonl"` -> `"train.jsonl"`, a folder -> `"data/"`, `[{...}, {...}, {...}]` ->
+    `"<list of 3 dicts>"`, a `Dataset` of 10 rows -> `"<Dataset of 10 rows>"`, a Hub name
+    -> the name itself.
+    """
+    import datasets
+
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and os.path.exists(source)):
+        path = Path(source)
+        return f"{path.name}/" if path.is_dir() else path.name
+    if isinstance(source, str):
+        return source
+    if isinstance(source, list):
+        return f"<list of {len(source)} dicts>"
+    if isinstance(source, datasets.Dataset):
+        return f"<Dataset of {len(source)} rows>"
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        kind = type(source).__name__
+        return f"<{kind} with splits {', '.join(source)}>"
+    if isinstance(source, datasets.IterableDataset):
+        return "<IterableDataset>"
+    return f"<{type(source).__name__}>"
+
+
+def load_source(source, *, split=None, streaming=False, data_files=None, **load_kwargs):
+    """Turn `source` into a `datasets.Dataset` (or an `IterableDataset` when streaming).
+
+    `source` may be a path to a `.jsonl` / `.json` (array of objects, or an object holding one) /
+    `.csv` / `.parquet` file, a folder of such files (all of one kind), a `Dataset`,
+    `DatasetDict` / `IterableDatasetDict` (the `split`, default `"train"`, is taken),
+    `IterableDataset`, a list of dicts, or a dataset name on the Hub. `split` accepts slices:
+    `"train[:100]"`, `"train[10:20]"`, `"train[:10%]"` (percentages not when streaming).
+
+        >>> load_source([{"prompt": "2+2=", "completion": "4"}]).to_list()
+        [{'prompt': '2+2=', 'completion': '4'}]
+
+    Raises `DataError` on a malformed line (`file:line: reason`), bytes that are not UTF-8,
+    an empty file or an empty dataset.
+    """
+    import datasets
+
+    if isinstance(source, (str, os.PathLike)) and (
+        isinstance(source, os.PathLike) or os.path.exists(source) or _looks_like_path(source)
+    ):
+        ds = _load_path(Path(source), split=split, streaming=streaming, **load_kwargs)
+    elif isinstance(source, str):
+        ds = _load_hub(source, split=split, streaming=streaming, data_files=data_files, **load_kwargs)
+    elif isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        name, start, end = _parse_split(split or "train")
+        if name not in source:
+            raise DataError(
+                f"the dataset has no split {name!r}; it has: {', '.join(source)}. Pick one with `split=`."
+            )
+        ds = _slice(source[name], start, end, what=f"split {name!r}")
+    elif isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        ds = source
+        if split is not None:
+            _, start, end = _parse_split(split)
+            ds = _slice(ds, start, end, what="the dataset")
+    elif isinstance(source, list):
+        ds = _from_list(source)
+    else:
+        raise DataError(
+            f"cannot read training data from a {type(source).__name__}; pass a file or folder path, a "
+            "datasets.Dataset / DatasetDict / IterableDataset, a list of dicts, or a Hub dataset name"
+        )
+
+    if streaming and isinstance(ds, datasets.Dataset):
+        ds = ds.to_iterable_dataset()
+    _check_not_empty(ds, describe_source(source))
+    return ds
+
+
+def _looks_like_path(text: str) -> bool:
+    # A Hub name is "owner/name" or "name"; anything with a file suffix or that starts like a
+    # filesystem path is meant as a local file, and its absence is a "no such file" error.
+    return Path(text).suffix.lower() in FILE_BUILDERS or text.startswith((".", "/", "~"))
+
+
+def _check_not_empty(ds, name: str) -> None:
+    import datasets
+
+    if isinstance(ds, datasets.Dataset):
+        if len(ds) == 0:
+            raise DataError(f"{name}: the dataset has no rows; there is nothing to train on")
+        return
+    # Streaming: peek at one row (sources are re-iterable, so this consumes nothing).
+    try:
+        next(iter(ds.take(1)))
+    except StopIteration:
+        raise DataError(f"{name}: the dataset has no rows; there is nothing to train on") from None
+
+
+def _from_list(rows: list):
+    import datasets
+
+    if not rows:
+        raise DataError("<empty list>: the list of examples is empty; there is nothing to train on")
+    columns: dict[str, None] = {}  # ordered union of keys: from_list would keep only the first row's
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"example {i}: expected a dict of columns, got {type(row).__name__}: {row!r:.80}")
+        columns.update(dict.fromkeys(row))
+    table = {col: [row.get(col) for row in rows] for col in columns}
+    try:
+        return datasets.Dataset.from_dict(table)
+    except Exception as err:  # pyarrow raises several unrelated types here
+        raise DataError(
+            f"<list of {len(rows)} dicts>: could not build a table from the examples ({err}). "
+            "Usually one column holds different types in different examples (a string in one, a number "
+            "or list in another); make each column one type."
+        ) from err
+
+
+def _parse_split(split: str) -> tuple[str, str | None, str | None]:
+    match = _SPLIT_RE.match(split)
+    if not match:
+        raise DataError(
+            f"split {split!r} is not understood; write e.g. 'train', 'train[:100]' or 'test[:10%]'"
+        )
+    return match["name"], match["start"], match["end"]
+
+
+def _slice(ds, start: str | None, end: str | None, *, what: str):
+    import datasets
+
+    if start is None and end is None:
+        return ds
+    if isinstance(ds, datasets.IterableDataset):
+        if any(b is not None and (b.endswith("%") or b.startswith("-")) for b in (start, end)):
+            raise DataError(f"{what}: a streaming dataset can only be sliced by absolute row numbers ([a:b])")
+        lo = int(start or 0)
+        ds = ds.skip(lo) if lo else ds
+        return ds.take(int(end) - lo) if end is not None else ds
+
+    n = len(ds)
+
+    def bound(b: str | None, default: int) -> int:
+        if b is None:
+            return default
+        value = round(n * int(b[:-1]) / 100) if b.endswith("%") else int(b)
+        return max(0, min(n, value + n if value < 0 else value))
+
+    lo, hi = bound(start, 0), bound(end, n)
+    return ds.select(range(lo, max(lo, hi)))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _load_path(path: Path, *, split, streaming, **load_kwargs):
+    import datasets
+
+    path = path.expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_BUILDERS)
+        if not files:
+            raise DataError(
+                f"{path}/: the folder holds no data files; expected files ending in {', '.join(FILE_BUILDERS)}"
+            )
+        builders = {FILE_BUILDERS[p.suffix.lower()] for p in files}
+        if len(builders) > 1:
+            kinds = sorted({p.suffix.lower() for p in files})
+            raise DataError(
+                f"{path}/: the folder mixes file kinds ({', '.join(kinds)}); keep one kind per folder"
+            )
+    else:
+        suffix = path.suffix.lower()
+        if suffix not in FILE_BUILDERS:
+            raise DataError(
+                f"{path}: unknown file kind {suffix or '(no suffix)'!r}; expected {', '.join(FILE_BUILDERS)}"
+            )
+        files = [path]
+
+    field = load_kwargs.pop("field", None)
+    for file in files:
+        found_field = _validate_file(file)
+        field = field or found_field
+    builder = FILE_BUILDERS[files[0].suffix.lower()]
+    if field is not None:
+        load_kwargs["field"] = field
+
+    name, start, end = _parse_split(split or "train")
+    if name != "train":
+        raise DataError(f"{path}: local files hold a single split named 'train', not {name!r}")
+    # `datasets` slices non-streaming splits itself ("train[:100]"); streaming we slice after.
+    ds_split = "train" if streaming else (split or "train")
+    try:
+        ds = datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split=ds_split, streaming=streaming, **load_kwargs
+        )
+    except Exception as err:
+        raise DataError(f"{path}: could not be read as {builder} ({type(err).__name__}: {err})") from err
+    return _slice(ds, start, end, what=str(path)) if streaming else ds
+
+
+def _validate_file(path: Path) -> str | None:
+    """Check one file before `datasets` reads it. Returns the JSON `field` that holds the rows
+    when a .json file is an object wrapping a single list of records (`{"data": [...]}`)."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return None  # binary; pyarrow's own error is the best we have, wrapped in _load_path
+    if suffix == ".jsonl":
+        _validate_jsonl(path)
+        return None
+    text = _read_utf8(path)
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if suffix == ".json":
+        return _validate_json(path, text)
+    return None  # .csv: UTF-8 checked; the CSV parser reports its own problems
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: byte {data[err.start]:#04x} at column {column} is not valid UTF-8; "
+            "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
+def _validate_jsonl(path: Path) -> None:
+    rows = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{lineno}: byte {raw[err.start]:#04x} at column {err.start + 1} is not valid "
+                    "UTF-8; re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+                ) from None
+            if not line.strip():
+                continue  # blank lines (often a trailing newline) carry no row
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON: {err.msg} (column {err.colno}): {line.strip()[:80]!r}"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}:{lineno}: each line must be a JSON object ({{...}}), got {type(row).__name__}"
+                )
+            rows += 1
+    if rows == 0:
+        raise DataError(f"{path}: the file is empty (no JSON lines)")
+
+
+def _validate_json(path: Path, text: str) -> str | None:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        hint = ""
+        if err.msg.startswith("Extra data"):
+            hint = "; one JSON object per line is JSON Lines: name the file .jsonl"
+        raise DataError(
+            f"{path}:{err.lineno}: not valid JSON: {err.msg} (column {err.colno}){hint}"
+        ) from None
+    if isinstance(data, list):
+        if not data:
+            raise DataError(f"{path}: the file is empty (an empty JSON array)")
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}: element {i} of the JSON array is a {type(row).__name__}, not an object"
+                )
+        return None
+    if isinstance(data, dict):
+        lists = {k: v for k, v in data.items() if isinstance(v, list)}
+        if len(data) == 1 and len(lists) == 1:
+            ((key, rows),) = lists.items()
+            if rows and all(isinstance(r, dict) for r in rows):
+                return key  # {"data": [{...}, ...]}
+        if data and len(lists) == len(data) and len({len(v) for v in lists.values()}) == 1:
+            if not next(iter(lists.values())):
+                raise DataError(f"{path}: the file is empty (columns with no values)")
+            return None  # columnar: {"prompt": [...], "completion": [...]}
+    raise DataError(
+        f"{path}: expected a JSON array of objects ([{{...}}, ...]), an object of equal-length columns, "
+        f"or an object holding one list of objects; got {type(data).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------- hub
+
+
+def _load_hub(name: str, *, split, streaming, data_files, **load_kwargs):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(
+            name, split=split or "train", streaming=streaming, data_files=data_files, **load_kwargs
+        )
+    except Exception as err:
+        raise DataError(
+            f"{name!r} is not a local file or folder, and loading it as a Hugging Face Hub dataset failed "
+            f"({type(err).__name__}: {err}). Check the path, or the dataset name and your network."
+        ) from err
+    return ds

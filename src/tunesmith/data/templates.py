@@ -1,0 +1,379 @@
+"""Chat templates: the tokenizer's own, a file, or a built-in one for base models that have
+none; and the assistant-span finder behind assistant-only loss.
+
+Most chat templates in the wild have no `{% generation %}` markers, so the spans of the
+assistant turns are found by rendering prefixes of the conversation:
+
+    before  = render(messages[:i], add_generation_prompt=True)   # ...<|im_start|>assistant\\n
+    through = render(messages[:i + 1])                           # ...<|im_start|>assistant\\nHi!<|im_end|>\\n
+    span    = text[len(before) : len(through.rstrip())]          # "Hi!<|im_end|>"
+
+The span runs from the first character the model would generate to the end-of-turn token
+that stops generation (trailing whitespace after it is template glue, not trained). The
+character span is mapped to tokens with the tokenizer's offset mapping.
+
+    >>> ids, mask = render_messages(tok, [{"role": "user", "content": "hi"},
+    ...                                   {"role": "assistant", "content": "hello"}], chat_template="chatml")
+    >>> [t for t, m in zip(tok.convert_ids_to_tokens(ids), mask) if m]
+    ['hello', '<|im_end|>']
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from pathlib import Path
+
+from tunesmith.data.sources import DataError
+
+logger = logging.getLogger(__name__)
+
+# Built-in templates. Literal text is written inside {{ '...' }} so that transformers' jinja
+# settings (trim_blocks strips the newline after a block tag) cannot eat a newline. Each keeps
+# earlier turns unchanged when later ones are added, which the span finder relies on. A
+# system message is rendered once at the start (merged into the first user turn where the
+# format has no system role); tools are listed as JSON schemas with the system prompt.
+_CHATML = (
+    "{%- set ns = namespace(system='') -%}"
+    "{%- if messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] -%}{%- endif -%}"
+    "{%- if tools -%}"
+    "{%- set ns.system = (ns.system + '\\n\\n' if ns.system else '') + '# Tools\\n\\nYou may call these functions"
+    " (JSON schemas):\\n<tools>\\n' -%}"
+    "{%- for tool in tools -%}{%- set ns.system = ns.system + (tool | tojson) + '\\n' -%}{%- endfor -%}"
+    "{%- set ns.system = ns.system + '</tools>\\n\\nTo call one, answer with <tool_call>"
+    '{"name": ..., "arguments": {...}}</tool_call>.\' -%}'
+    "{%- endif -%}"
+    "{%- if ns.system -%}{{ '<|im_start|>system\\n' + ns.system + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{{ ('\\n' if message['content'] or not loop.first else '') + '<tool_call>\\n' }}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{{ '\\n</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+_LLAMA3 = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- if messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] -%}{%- endif -%}"
+    "{%- if tools -%}"
+    "{%- set ns.system = (ns.system + '\\n\\n' if ns.system else '') + 'You can call these functions"
+    ' (JSON schemas); to call one, answer with {"name": ..., "parameters": {...}}:\\n\' -%}'
+    "{%- for tool in tools -%}{%- set ns.system = ns.system + (tool | tojson) + '\\n' -%}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if ns.system -%}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' + ns.system + '<|eot_id|>' }}"
+    "{%- endif -%}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{{ '<|start_header_id|>' + ('ipython' if message['role'] == 'tool' else message['role'])"
+    " + '<|end_header_id|>\\n\\n' + message['content'] }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{{ {'name': call['function']['name'], 'parameters': call['function']['arguments']} | tojson }}"
+    "{%- endfor -%}"
+    "{{ '<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+)
+
+_MISTRAL = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='', first=true) -%}"
+    "{%- if messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] + '\\n\\n' -%}{%- endif -%}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if ns.first and tools -%}{{ '[AVAILABLE_TOOLS] ' + (tools | tojson) + ' [/AVAILABLE_TOOLS]' }}{%- endif -%}"
+    "{{ '[INST] ' + (ns.system if ns.first else '') + message['content'] + ' [/INST]' }}"
+    "{%- set ns.first = false -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{ '[TOOL_RESULTS] ' + message['content'] + ' [/TOOL_RESULTS]' }}"
+    "{%- else -%}"
+    "{{ message['content'] }}"
+    "{%- if message['tool_calls'] -%}"
+    "{{ '[TOOL_CALLS] ' }}{{ message['tool_calls'] | map(attribute='function') | list | tojson }}"
+    "{%- endif -%}"
+    "{{ eos_token or '' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+_GEMMA = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='', first=true) -%}"
+    "{%- if messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] + '\\n\\n' -%}{%- endif -%}"
+    "{%- if tools -%}"
+    "{%- set ns.system = ns.system + 'You can call these functions (JSON schemas):\\n' -%}"
+    "{%- for tool in tools -%}{%- set ns.system = ns.system + (tool | tojson) + '\\n' -%}{%- endfor -%}"
+    "{%- set ns.system = ns.system + '\\n' -%}"
+    "{%- endif -%}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' }}"
+    "{%- if ns.first and message['role'] == 'user' -%}{{ ns.system }}{%- set ns.first = false -%}{%- endif -%}"
+    "{{ message['content'] }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{%- endfor -%}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+_PHI3 = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' and tools -%}"
+    "{{ '<|system|>\\n' + message['content'] + '\\n\\nYou can call these functions (JSON schemas):\\n'"
+    " + (tools | tojson) + '<|end|>\\n' }}"
+    "{%- else -%}"
+    "{%- if loop.first and tools and message['role'] != 'system' -%}"
+    "{{ '<|system|>\\nYou can call these functions (JSON schemas):\\n' + (tools | tojson) + '<|end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{%- endfor -%}"
+    "{{ '<|end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+)
+
+_ALPACA = (
+    "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}"
+    "{%- else -%}{{ 'Below is an instruction that describes a task. Write a response that appropriately"
+    " completes the request.\\n\\n' }}{%- endif -%}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{%- if message['role'] == 'user' -%}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}{{ '### Input:\\n' + message['content'] + '\\n\\n' }}"
+    "{%- else -%}{{ '### Response:\\n' + message['content'] }}"
+    "{%- for call in message['tool_calls'] or [] -%}{{ call['function'] | tojson }}{%- endfor -%}"
+    "{{ (eos_token or '') + '\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '### Response:\\n' }}{%- endif -%}"
+)
+
+BUILTIN_TEMPLATES: dict[str, str] = {
+    "chatml": _CHATML,
+    "llama-3": _LLAMA3,
+    "mistral-instruct": _MISTRAL,
+    "gemma": _GEMMA,
+    "phi-3": _PHI3,
+    "alpaca": _ALPACA,
+}
+
+NO_TEMPLATE_FIX = (
+    "set `chat_template: chatml` (or another built-in: "
+    + ", ".join(BUILTIN_TEMPLATES)
+    + ") or `chat_template_path: path/to/template.jinja`"
+)
+
+
+def resolve_chat_template(tokenizer, *, chat_template=None, chat_template_path=None) -> str | None:
+    """The jinja template to render conversations with, or None when there is none.
+
+    `chat_template` is a built-in name (`"chatml"`, `"llama-3"`, `"mistral-instruct"`,
+    `"gemma"`, `"phi-3"`, `"alpaca"`) or a jinja string; `chat_template_path` is a `.jinja`
+    file, a `tokenizer_config.json`, or a folder holding either. Otherwise the tokenizer's own.
+
+        >>> resolve_chat_template(tok, chat_template="chatml") == BUILTIN_TEMPLATES["chatml"]
+        True
+    """
+    if chat_template is not None and chat_template_path is not None:
+        raise DataError("set either chat_template or chat_template_path, not both")
+    if chat_template is not None:
+        if chat_template in BUILTIN_TEMPLATES:
+            return BUILTIN_TEMPLATES[chat_template]
+        if "{{" in chat_template or "{%" in chat_template:
+            return chat_template
+        close = difflib.get_close_matches(chat_template, list(BUILTIN_TEMPLATES), n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise DataError(
+            f"chat_template={chat_template!r} is neither a built-in template ({', '.join(BUILTIN_TEMPLATES)}) "
+            f"nor a jinja template.{hint} For a file, use chat_template_path."
+        )
+    if chat_template_path is not None:
+        return _read_template_file(Path(chat_template_path))
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # several named templates: the default one renders conversations
+        own = own.get("default")
+    return own or None
+
+
+def _read_template_file(path: Path) -> str:
+    path = path.expanduser()
+    if path.is_dir():
+        for name in ("chat_template.jinja", "tokenizer_config.json"):
+            if (path / name).is_file():
+                return _read_template_file(path / name)
+        raise DataError(
+            f"chat_template_path={path}: the folder has no chat_template.jinja or tokenizer_config.json"
+        )
+    if not path.is_file():
+        raise DataError(f"chat_template_path={path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        template = json.loads(text).get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            template = {t.get("name"): t.get("template") for t in template}.get("default")
+        if not template:
+            raise DataError(f"chat_template_path={path}: the file has no 'chat_template'")
+        return template
+    if not text.strip():
+        raise DataError(f"chat_template_path={path}: the file is empty")
+    return text
+
+
+def render_messages(tokenizer, messages, *, tools=None, chat_template=None, add_generation_prompt=False):
+    """Render a conversation with the chat template and mark the tokens of assistant turns.
+
+    Returns `(input_ids, assistant_mask)`, two lists of the same length; `assistant_mask[i]`
+    is 1 for the tokens of assistant turns, including the end-of-turn token that stops
+    generation (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`, ...). Works for any template
+    that renders earlier turns the same whether or not later turns follow (all common ones
+    do); for one that does not, a template with `{% generation %}` markers is used through
+    transformers, and otherwise the error says what to do.
+
+        chatml, [user "hi", assistant "hello"]:
+        tokens  <|im_start|> user hi <|im_end|> <|im_start|> assistant hello <|im_end|>
+        mask         0        0   0     0           0           0       1       1
+    """
+    ids, turns = assistant_turns(
+        tokenizer,
+        messages,
+        tools=tools,
+        chat_template=chat_template,
+        add_generation_prompt=add_generation_prompt,
+    )
+    return ids, [int(turn >= 0) for turn in turns]
+
+
+def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_generation_prompt=False):
+    """Like `render_messages`, but says *which* assistant message each token belongs to:
+    `(input_ids, turns)` with `turns[i]` the index in `messages` of the assistant message
+    that token `i` is part of, or -1. Used to train only the completion's turns.
+
+        chatml, [user "hi", assistant "hello"]:
+        tokens  <|im_start|> user hi <|im_end|> <|im_start|> assistant hello <|im_end|>
+        turns       -1       -1  -1    -1          -1          -1       1       1
+    """
+    template = resolve_chat_template(tokenizer, chat_template=chat_template)
+    if template is None:
+        raise DataError(
+            f"conversational data needs a chat template and the tokenizer has none; {NO_TEMPLATE_FIX}"
+        )
+
+    def render(msgs, generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                msgs,
+                tools=tools,
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+            )
+        except Exception as err:  # jinja errors, raise_exception() in the template
+            raise DataError(
+                f"the chat template failed to render the conversation: {type(err).__name__}: {err}"
+            ) from err
+
+    text = render(messages, add_generation_prompt)
+    spans = _assistant_spans(render, messages, text)
+    if spans is None:
+        if "generation %}" in template:
+            return _marked_turns(tokenizer, messages, tools, template, add_generation_prompt)
+        raise DataError(
+            "cannot find the assistant turns: the chat template renders earlier turns differently once later "
+            "turns are added (some templates drop earlier reasoning, for example). Train on everything with "
+            "train_on_inputs / assistant_only_loss=False, use a template with {% generation %} markers, or "
+            f"{NO_TEMPLATE_FIX}"
+        )
+    _warn_if_no_stop_token(tokenizer, text, spans)
+    return _tokenize_spans(tokenizer, text, spans)
+
+
+def _assistant_spans(render, messages, text: str) -> list[tuple[int, int, int]] | None:
+    """Character spans (start, end, message index) of the assistant turns in `text`, or None
+    when the template is not prefix-stable (an earlier turn renders differently with later turns)."""
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = render(messages[:i], True)
+        through = render(messages[: i + 1], False)
+        if not (text.startswith(through) and through.startswith(before)):
+            return None
+        end = len(through.rstrip())
+        if end <= len(before):
+            return None
+        spans.append((len(before), end, i))
+    return spans
+
+
+def _warn_if_no_stop_token(tokenizer, text: str, spans) -> None:
+    stops = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    for _, end, _ in spans:
+        if not any(text.endswith(stop, 0, end) for stop in stops):
+            logger.warning(
+                "the chat template ends an assistant turn with %r, not a special token: the model may not "
+                "learn to stop. A template that closes turns with the tokenizer's EOS fixes that.",
+                text[max(0, end - 20) : end],
+            )
+            return
+
+
+def _tokenize_spans(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
+    """Tokens of `text` and, per token, the message index of the span it overlaps (or -1)."""
+    # The template writes BOS itself when the model wants one, so no special tokens are added.
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        turns = [-1] * len(ids)
+        k = 0  # spans and tokens are both in text order: one pass
+        for t, (start, end) in enumerate(enc["offset_mapping"]):
+            end = max(end, start + 1)
+            while k < len(spans) and spans[k][1] <= start:
+                k += 1
+            if k < len(spans) and start < spans[k][1] and end > spans[k][0]:
+                turns[t] = spans[k][2]
+        return ids, turns
+    # Slow tokenizers have no offsets: tokenize the pieces between span edges one by one.
+    ids, turns, cursor = [], [], 0
+    for start, end, turn in spans:
+        for piece, label in ((text[cursor:start], -1), (text[start:end], turn)):
+            if piece:
+                piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids += piece_ids
+                turns += [label] * len(piece_ids)
+        cursor = end
+    if text[cursor:]:
+        tail = tokenizer(text[cursor:], add_special_tokens=False)["input_ids"]
+        ids += tail
+        turns += [-1] * len(tail)
+    return ids, turns
+
+
+def _marked_turns(tokenizer, messages, tools, template, add_generation_prompt):
+    # The template marks assistant text with {% generation %}; transformers turns the marks
+    # into a token mask. Its k-th run of marked tokens is the k-th assistant message.
+    out = tokenizer.apply_chat_template(
+        messages,
+        tools=tools,
+        chat_template=template,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        add_generation_prompt=add_generation_prompt,
+    )
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    assistant = iter([i for i, m in enumerate(messages) if m["role"] == "assistant"])
+    turns, current = [], -1
+    for t, flag in enumerate(mask):
+        if flag and (t == 0 or not mask[t - 1]):
+            current = next(assistant, -1)
+        turns.append(current if flag else -1)
+    return ids, turns

@@ -1,0 +1,195 @@
+"""One normalised example -> `{"input_ids", "labels"}`, with `-100` on tokens that are not
+trained. Labels are not shifted here (`collate.shift_labels` does that, once).
+
+What is trained, by kind (`train_on_inputs=True` trains every token of every kind):
+
+    text                      every token, and an EOS appended when missing
+    prompt_completion         the completion and its appended EOS (completion_only_loss, default on)
+    messages                  the assistant turns, each with its end-of-turn token (assistant_only_loss,
+                              default on)
+    conversational p/c        the assistant turns of the completion (completion_only_loss, default on)
+    tokenized                 the given labels, or every token
+
+Worked example, prompt "2 + 2 =" and completion "4" on a word-level tokenizer that adds BOS:
+
+    tokens    <s>    2     +     2     =     4    </s>
+    labels   -100  -100  -100  -100  -100    4    </s>
+
+Where we differ from TRL: `assistant_only_loss=None` means True for conversations. TRL
+trains on every token of a conversation unless told otherwise, which teaches the model to
+write the user's turns and the system prompt too; that is rarely what anyone wants.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+from tunesmith.data.sources import DataError
+from tunesmith.data.templates import assistant_turns, render_messages
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+
+# tokenizer -> whether its plain `tokenizer(text)` call puts BOS in front (looked up once)
+_ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WARNED_NO_EOS: list = []  # warn once per process, not once per example
+
+
+def tokenize_example(
+    example: dict,
+    tokenizer,
+    *,
+    completion_only_loss=None,
+    assistant_only_loss=None,
+    train_on_inputs=False,
+    chat_template=None,
+    eos_token=None,
+    index=None,
+) -> dict:
+    """Tokenize and label one normalised example (see the module docstring for what is trained).
+
+        >>> tokenize_example({"prompt": "2 + 2 =", "completion": "4"}, tok)
+        {'input_ids': [1, 5, 6, 5, 7, 8, 2], 'labels': [-100, -100, -100, -100, -100, 8, 2]}
+
+    `chat_template` is a built-in name or a jinja string (None: the tokenizer's own);
+    `eos_token` overrides the tokenizer's EOS for plain text and completions. No double BOS:
+    BOS is put in front only when the tokenizer adds one and the text does not already start
+    with it; chat templates write their own BOS.
+    """
+    where = f"example {index}" if index is not None else "example"
+    train_all = bool(train_on_inputs)
+
+    if "input_ids" in example:
+        ids = list(example["input_ids"])
+        labels = example.get("labels")
+        labels = list(ids) if labels is None or train_all else list(labels)
+        return {"input_ids": ids, "labels": labels}
+
+    if "text" in example:
+        ids = _encode_text(tokenizer, example["text"], bos=True)
+        ids = _with_eos(ids, _eos_id(tokenizer, eos_token, where))
+        return {"input_ids": ids, "labels": list(ids)}
+
+    if "messages" in example:
+        ids, mask = _render(tokenizer, example["messages"], example.get("tools"), chat_template, where)
+        if train_all or assistant_only_loss is False:
+            return {"input_ids": ids, "labels": list(ids)}
+        return {"input_ids": ids, "labels": _masked(ids, mask)}
+
+    prompt, completion = example.get("prompt"), example.get("completion")
+    if isinstance(prompt, list):
+        return _conversational_prompt_completion(
+            example, tokenizer, chat_template, where,
+            completion_only=completion_only_loss is not False and not train_all,
+            assistant_only=assistant_only_loss is not False and not train_all,
+        )  # fmt: skip
+    if isinstance(prompt, str) and isinstance(completion, str):
+        eos_id = _eos_id(tokenizer, eos_token, where)
+        prompt_ids, completion_ids = _encode_prompt_completion(tokenizer, prompt, completion)
+        completion_ids = _with_eos(completion_ids, eos_id)
+        ids = prompt_ids + completion_ids
+        if train_all or completion_only_loss is False:
+            return {"input_ids": ids, "labels": list(ids)}
+        return {"input_ids": ids, "labels": [IGNORE] * len(prompt_ids) + completion_ids}
+
+    raise DataError(
+        f"{where}: not a normalised example (expected text, prompt/completion, messages or input_ids); "
+        f"keys: {', '.join(example)}. Pass it through formats.normalize_example first."
+    )
+
+
+def _masked(ids: list[int], mask: list[int]) -> list[int]:
+    return [t if m else IGNORE for t, m in zip(ids, mask)]
+
+
+def _render(tokenizer, messages, tools, chat_template, where):
+    try:
+        return render_messages(tokenizer, messages, tools=tools, chat_template=chat_template)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from err
+
+
+def _conversational_prompt_completion(
+    example, tokenizer, chat_template, where, *, completion_only, assistant_only
+):
+    """Render prompt + completion as one conversation; the completion's assistant turns are the
+    ones the model learns (with completion_only off: every assistant turn, or every token)."""
+    messages = example["prompt"] + example["completion"]
+    try:
+        ids, turns = assistant_turns(
+            tokenizer, messages, tools=example.get("tools"), chat_template=chat_template
+        )
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from err
+    if completion_only:
+        first = len(example["prompt"])  # messages at or after this index are the completion
+        return {"input_ids": ids, "labels": [t if turn >= first else IGNORE for t, turn in zip(ids, turns)]}
+    if assistant_only:
+        return {"input_ids": ids, "labels": [t if turn >= 0 else IGNORE for t, turn in zip(ids, turns)]}
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def _adds_bos(tokenizer) -> bool:
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    bos = tokenizer.bos_token_id
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    adds = bos is not None and len(with_special) > len(without) and with_special[0] == bos
+    try:
+        _ADDS_BOS[tokenizer] = adds
+    except TypeError:
+        pass  # not weak-referenceable: look it up every time
+    return adds
+
+
+def _encode_text(tokenizer, text: str, *, bos: bool) -> list[int]:
+    # Special tokens are added by hand: some tokenizers' post-processors also append EOS,
+    # which would end a prompt mid-example. BOS only when the tokenizer would add it and the
+    # text does not already begin with it (no double BOS).
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if bos and _adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids.insert(0, tokenizer.bos_token_id)
+    return ids
+
+
+def _encode_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the completion, split exactly at their boundary.
+
+    prompt + completion is tokenized as one string, so the completion's tokens are those the
+    model sees in context. When that string's tokens do not start with the prompt's own tokens
+    (a token merged across the boundary, e.g. "Answer:" + "4" -> "Answer:4"), the completion
+    is tokenized on its own instead: the prompt's tokens are then exactly those of the prompt
+    at inference, where generation starts from them.
+    """
+    prompt_ids = _encode_text(tokenizer, prompt, bos=True)
+    full_ids = _encode_text(tokenizer, prompt + completion, bos=True)
+    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        return prompt_ids, full_ids[len(prompt_ids) :]
+    return prompt_ids, list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+
+
+def _eos_id(tokenizer, eos_token, where) -> int | None:
+    if eos_token is None:
+        return tokenizer.eos_token_id
+    eos_id = tokenizer.convert_tokens_to_ids(eos_token)
+    if eos_id is None or eos_id == tokenizer.unk_token_id:
+        raise DataError(
+            f"eos_token={eos_token!r} is not a token of the tokenizer; use one of its special tokens"
+        )
+    return eos_id
+
+
+def _with_eos(ids: list[int], eos_id: int | None) -> list[int]:
+    if eos_id is None:
+        if not _WARNED_NO_EOS:
+            _WARNED_NO_EOS.append(True)
+            logger.warning(
+                "the tokenizer has no EOS token: examples end without one; set eos_token to fix that"
+            )
+        return ids
+    return ids if ids and ids[-1] == eos_id else ids + [eos_id]
