@@ -145,14 +145,15 @@ class TruncationStats:
 
 
 def truncate(
-    examples, *, max_length: int | None, truncation_mode: str = "keep_start"
+    examples, *, max_length: int | None, truncation_mode: str = "keep_start", log: bool = True
 ) -> tuple[pa.Table, TruncationStats]:
     """Cut or drop examples longer than `max_length`; drop examples with no trained token.
 
     `truncation_mode`: `keep_start` keeps the first `max_length` tokens, `keep_end` the
     last, `drop` removes the whole example. An example whose labels are all -100 after
     that (e.g. a long prompt that filled the window) teaches nothing and is removed.
-    Everything is counted in the returned stats and logged on "tunesmith.data".
+    Everything is counted in the returned stats and logged on "tunesmith.data" (`log=False`
+    leaves the logging to a caller that adds counts up, as streaming does).
 
         max_length 3, keep_start                     max_length 3, keep_end
         ids    [1 2 3 4]  labels [-  -  3 4]  ──►    ids [1 2 3]  labels [- - 3]
@@ -198,7 +199,8 @@ def truncate(
         ids, labels, new_lengths = ids[index], labels[index], new_lengths[keep]
     stats.examples_out = len(new_lengths)
     out = pa.table({"input_ids": _list_array(ids, new_lengths), "labels": _list_array(labels, new_lengths)})
-    _log_truncation(stats, max_length, truncation_mode)
+    if log:
+        log_truncation(stats, max_length, truncation_mode)
     return out, stats
 
 
@@ -211,7 +213,7 @@ def _check_same_lengths(lengths: np.ndarray, label_lengths: np.ndarray) -> None:
         )
 
 
-def _log_truncation(stats: TruncationStats, max_length: int | None, mode: str) -> None:
+def log_truncation(stats: TruncationStats, max_length: int | None, mode: str) -> None:
     if stats.truncated:
         logger.warning(
             "truncated %d of %d examples to max_length=%s (truncation_mode=%s), losing %d tokens",
