@@ -1,0 +1,143 @@
+"""What runs beside the training step: the non-finite loss guard, clean stop on SIGINT/SIGTERM,
+sample generations at each evaluation, and a one-line progress log."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+
+import torch
+from transformers import TrainerCallback
+
+__all__ = [
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
+    "SignalCheckpointCallback",
+    "SampleGenerationCallback",
+    "ProgressLineCallback",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the batch's rows."""
+
+
+class NonFiniteLossGuard:
+    """Stops training at the first micro-batch whose loss is NaN or infinite, before its backward
+    (so no NaN gradient reaches the weights), naming the optimizer step and the batch's rows."""
+
+    def check(self, loss_sum: torch.Tensor, step: int, example_index=None) -> None:
+        # one device sync per micro-batch; cheap next to a forward and backward
+        if bool(torch.isfinite(loss_sum.detach())):
+            return
+        rows = (
+            "unknown rows (the batch carried no example_index)"
+            if example_index is None
+            else f"rows {list(example_index)}"
+        )
+        raise NonFiniteLossError(
+            f"training stopped: the loss is {loss_sum.item()} at optimizer step {step + 1}; the batch holds "
+            f"{rows} of the prepared training set. Look at those examples (`tunesmith inspect`), lower "
+            "the learning rate or enable max_grad_norm, or train in float32 / bf16 rather than fp16."
+        )
+
+
+class SignalCheckpointCallback(TrainerCallback):
+    """On SIGINT or SIGTERM: finish the current optimizer step, save a checkpoint, stop cleanly.
+
+    A second signal falls through to the previous handler (Ctrl-C twice still interrupts at once).
+    `interrupted` says whether the run was stopped this way.
+    """
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous: dict[int, object] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.interrupted = False
+        if not _in_main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.interrupted = True
+        logger.warning(
+            "%s received: saving a checkpoint after this step, then stopping", signal.Signals(signum).name
+        )
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class SampleGenerationCallback(TrainerCallback):
+    """Greedy generations from a few prompts at every evaluation, logged and kept in `samples`
+    as (step, prompt, text)."""
+
+    def __init__(self, prompts, max_new_tokens: int = 64):
+        self.prompts = list(prompts)
+        self.max_new_tokens = max_new_tokens
+        self.samples: list[tuple[int, object, str]] = []
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if model is None or processing_class is None or not state.is_world_process_zero:
+            return
+        from tunesmith.generation import generate
+
+        texts = generate(model, processing_class, self.prompts, max_new_tokens=self.max_new_tokens)
+        for prompt, text in zip(self.prompts, texts):
+            self.samples.append((state.global_step, prompt, text))
+            logger.info("sample at step %d\n  prompt: %s\n  output: %s", state.global_step, prompt, text)
+
+
+class ProgressLineCallback(TrainerCallback):
+    """One line per log: step/total, loss, token accuracy, tokens/s and ETA (for plain logs and the CLI)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self._start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        step, total = state.global_step, max(state.max_steps, 1)
+        elapsed = time.perf_counter() - (self._start or time.perf_counter())
+        eta = elapsed / max(step, 1) * (total - step)
+        parts = [f"step {step}/{total}", f"loss {logs['loss']:.4f}"]
+        if "mean_token_accuracy" in logs:
+            parts.append(f"acc {logs['mean_token_accuracy']:.3f}")
+        if "tokens_per_second" in logs:
+            parts.append(f"{logs['tokens_per_second']:.0f} tok/s")
+        parts.append(f"eta {_duration(eta)}")
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -1,0 +1,64 @@
+"""Generate text from prompts or chat messages with a training model (adapter or merged)."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["generate"]
+
+
+def generate(
+    model, tokenizer, prompts_or_messages, max_new_tokens: int = 128, do_sample: bool = False, **kwargs
+) -> list[str]:
+    """Continuations (new text only, special tokens removed) for each prompt.
+
+    `prompts_or_messages`: a string, a list of strings, one conversation (a list of
+    {"role", "content"} dicts), or a list of conversations. Conversations go through the
+    tokenizer's chat template with the generation prompt added; strings are tokenized as they are.
+
+        generate(model, tok, ["The capital of France is"], max_new_tokens=3)  -> [" Paris."]
+        generate(model, tok, [{"role": "user", "content": "Hi"}])             -> ["Hello!"]
+
+    Prompts run one at a time (no padding, so the output is exactly what the model gives each
+    prompt alone). The model's train/eval mode is restored afterwards.
+    """
+    items = _as_list(prompts_or_messages)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        for item in items:
+            if isinstance(item, str):
+                input_ids = tokenizer(item, return_tensors="pt").input_ids
+            else:
+                input_ids = tokenizer.apply_chat_template(
+                    item, add_generation_prompt=True, tokenize=True, return_tensors="pt"
+                )
+                if not torch.is_tensor(input_ids):  # newer tokenizers return a BatchEncoding
+                    input_ids = input_ids["input_ids"]
+            input_ids = input_ids.to(device)
+            with torch.no_grad():
+                generated = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    pad_token_id=tokenizer.pad_token_id
+                    if tokenizer.pad_token_id is not None
+                    else tokenizer.eos_token_id,
+                    **kwargs,
+                )
+            outputs.append(tokenizer.decode(generated[0, input_ids.shape[1] :], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def _as_list(prompts_or_messages) -> list:
+    if isinstance(prompts_or_messages, str):
+        return [prompts_or_messages]
+    items = list(prompts_or_messages)
+    if items and isinstance(items[0], dict):  # one conversation
+        return [items]
+    return items

@@ -1,0 +1,564 @@
+"""SFTTrainer: a thin `transformers.Trainer` for supervised fine-tuning, drop-in for TRL 1.x's.
+
+What it adds to Trainer, and where:
+
+- `__init__` wires the pieces: model (`models.load`), LoRA (`models.adapters`), fast modules
+  (`ops.apply.optimize`), memory policy, data (`data.pipeline.prepare_dataset`) and collator
+  (`data.collate`). Old TRL spellings (`tokenizer=`, `max_seq_length=`, ...) still work, once noticed.
+- `compute_loss` reads top to bottom: the model to its final hidden states (no logits), the fused
+  `linear_cross_entropy` against `shift_labels`, divided by the supervised tokens of the whole
+  optimizer step, then metrics.
+- `prediction_step` / `evaluation_loop`: eval loss weighted by tokens (independent of batch size).
+- `create_optimizer`: parameter groups (embedding learning rate, no decay on norms and biases).
+- `log`: token accuracy, tokens seen, tokens per second, supervised tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.training_args import OptimizerNames
+
+from tunesmith.callbacks import NonFiniteLossGuard, SampleGenerationCallback, SignalCheckpointCallback
+from tunesmith.config import SFTConfig, deprecation_notice
+
+__all__ = ["SFTTrainer", "UnslothTrainer", "lm_head_parameters"]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+# Old keyword arguments of SFTTrainer (TRL < 0.20, Unsloth notebooks) -> SFTConfig field.
+_OLD_TRAINER_KWARGS = {
+    "dataset_text_field": "dataset_text_field",
+    "max_seq_length": "max_length",
+    "packing": "packing",
+    "dataset_num_proc": "dataset_num_proc",
+    "dataset_kwargs": "dataset_kwargs",
+}
+
+# Batch keys the model's forward takes; the rest (labels, shift_labels, ...) are for the loss.
+_FORWARD_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+)
+
+# Columns of a prepared dataset that the collators read (Trainer drops any other column).
+_DATASET_COLUMNS = ["input_ids", "labels", "seq_lengths", "example_index", "attention_mask", "position_ids"]
+
+
+class SFTTrainer(Trainer):
+    """Supervised fine-tuning trainer with TRL 1.x's constructor.
+
+    Args (as TRL's): model (name/path, PreTrainedModel or PeftModel; None: `args.model_name_or_path`
+    or the built-in default), args (SFTConfig, or TrainingArguments which is converted), data_collator,
+    train_dataset, eval_dataset (one or a dict of them), processing_class (the tokenizer),
+    compute_metrics, callbacks, optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics,
+    peft_config, formatting_func. Old spellings: tokenizer=, dataset_text_field=, max_seq_length=,
+    packing=, dataset_num_proc=, dataset_kwargs=.
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | torch.nn.Module | None = None,
+        args: SFTConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        peft_config=None,
+        formatting_func=None,
+        **old_kwargs,
+    ):
+        args = _as_sft_config(args, model)
+        max_length_given = "max_seq_length" in old_kwargs
+        processing_class = _apply_old_kwargs(args, processing_class, old_kwargs)
+        model_max_length = getattr(model, "max_seq_length", None)  # set by FastLanguageModel
+        if model_max_length and args.max_length == SFTConfig.max_length and not max_length_given:
+            logger.info("using the model's max_seq_length=%d as max_length", model_max_length)
+            args.max_length = int(model_max_length)
+        _fall_back_from_bitsandbytes(args)
+
+        model = _prepare_model(model, args, peft_config)
+        if processing_class is None:
+            from tunesmith.models.load import load_tokenizer
+
+            processing_class = load_tokenizer(
+                _model_name(model),
+                trust_remote_code=args.trust_remote_code,
+                pad_token=args.pad_token,
+                eos_token=args.eos_token,
+            )
+        _set_pad_token(processing_class, args)
+
+        skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
+        if not skip_prepare:
+            eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+            train_dataset = _prepare(
+                train_dataset, processing_class, args, formatting_func, args.packing, "train"
+            )
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {
+                    name: _prepare(ds, processing_class, args, formatting_func, eval_packing, f"eval[{name}]")
+                    for name, ds in eval_dataset.items()
+                }
+            else:
+                eval_dataset = _prepare(
+                    eval_dataset, processing_class, args, formatting_func, eval_packing, "eval"
+                )
+
+        padding_free = args.padding_free is not False
+        if data_collator is None:
+            data_collator = _default_collator(processing_class, args, padding_free)
+            if padding_free and args.attention in ("auto", "tunesmith_varlen"):
+                from tunesmith.ops.attention import use_varlen_attention
+
+                # packed / flattened documents must not see each other, at per-document cost
+                use_varlen_attention(model)
+        data_collator = _WithExampleIndex(data_collator)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        # Trainer counts `num_items_in_batch` (supervised tokens over every micro-batch of the optimizer
+        # step, gathered over processes, from `shift_labels`) only for models that "accept loss kwargs";
+        # our compute_loss divides by it, so the loss is already scaled for gradient accumulation.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        if not skip_prepare:
+            self._signature_columns = list(_DATASET_COLUMNS)
+        self.nonfinite_guard = NonFiniteLossGuard()
+        self.add_callback(SignalCheckpointCallback())
+        if args.sample_prompts:
+            self.add_callback(SampleGenerationCallback(args.sample_prompts, args.sample_max_new_tokens))
+        self._window = _TokenCounters(self.args.device)
+        self._window_start = time.perf_counter()
+        self._total_tokens = 0
+        self._total_supervised = 0
+        self._eval_totals: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        example_index = inputs.pop("example_index", None)
+        shift_labels = inputs["shift_labels"]  # (B, T): next token where trained, else -100
+        loss_sum, num_correct = self._loss_sum(model, inputs)
+        num_supervised = (shift_labels != IGNORE_INDEX).sum()
+        self.nonfinite_guard.check(loss_sum, self.state.global_step, example_index)
+
+        # Divide by the supervised tokens of the whole optimizer step (all micro-batches, all
+        # processes) so that accumulation and data parallelism do not change the result.
+        denominator = num_supervised if num_items_in_batch is None else num_items_in_batch
+        loss = loss_sum / torch.as_tensor(denominator, device=loss_sum.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+
+        if model.training:
+            self._window.add(loss_sum, num_correct, num_supervised, _real_tokens(inputs))
+        return (loss, None) if return_outputs else loss
+
+    def _loss_sum(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of the token losses of this micro-batch (fp32) and the number of argmax hits."""
+        hidden = final_hidden_states(model, inputs)  # (B, T, H)
+        weight, bias = lm_head_parameters(model)  # (V, H), (V,) or None
+        from tunesmith.ops.linear_cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy(
+            hidden,
+            weight,
+            inputs["shift_labels"],
+            bias=bias,
+            softcap=_final_logit_softcap(model),
+            dft=self.args.loss_type == "dft",
+            reduction="sum",
+            impl="auto" if self.args.use_kernels else "reference",
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        inputs.pop("example_index", None)
+        with torch.no_grad():
+            loss_sum, num_correct = self._loss_sum(model, inputs)
+        num_supervised = (inputs["shift_labels"] != IGNORE_INDEX).sum()
+        if self._eval_totals is not None:
+            self._eval_totals += torch.stack(
+                [loss_sum.double(), num_correct.double(), num_supervised.double()]
+            )
+        loss = (loss_sum / num_supervised.clamp(min=1)).detach()
+        if prediction_loss_only:
+            return loss, None, None
+        # compute_metrics wants logits: only then are the full (B, T, V) logits built
+        with torch.no_grad():
+            forward = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}
+            logits = model(**forward, use_cache=False).logits
+        return loss, logits, inputs["labels"]
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        # loss sum, correct tokens, supervised tokens, summed over every eval batch
+        self._eval_totals = torch.zeros(3, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            loss_sum, correct, supervised = self.accelerator.reduce(
+                self._eval_totals, reduction="sum"
+            ).tolist()
+        finally:
+            self._eval_totals = None
+        if supervised > 0:
+            # Trainer's eval loss is a mean of per-batch means, which depends on the batch size;
+            # this is the mean over tokens.
+            eval_loss = loss_sum / supervised
+            output.metrics[f"{metric_key_prefix}_loss"] = eval_loss
+            output.metrics[f"{metric_key_prefix}_mean_token_accuracy"] = correct / supervised
+            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(eval_loss, 700.0))
+            output.metrics[f"{metric_key_prefix}_num_supervised_tokens"] = int(supervised)
+        return output
+
+    # ------------------------------------------------------------------ optimizer, logging, saving
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            return super().create_optimizer(model)  # GaLore / LOMO / layer-wise: they build their own groups
+        from tunesmith.models.adapters import parameter_groups
+
+        groups = parameter_groups(
+            opt_model,
+            learning_rate=self.args.learning_rate,
+            weight_decay=self.args.weight_decay,
+            embedding_learning_rate=self.args.embedding_learning_rate,
+        )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: every process gets here together, so we can reduce
+            loss_sum, correct, supervised, tokens = self.accelerator.reduce(
+                self._window.totals(), "sum"
+            ).tolist()
+            now = time.perf_counter()
+            self._total_tokens += int(tokens)
+            self._total_supervised += int(supervised)
+            logs["mean_token_accuracy"] = correct / supervised if supervised else 0.0
+            logs["num_tokens"] = self._total_tokens
+            logs["num_supervised_tokens"] = self._total_supervised
+            logs["tokens_per_second"] = round(tokens / max(now - self._window_start, 1e-9), 2)
+            self._window.reset()
+            self._window_start = now
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Write the adapter (LoRA) or the full model, the tokenizer with its chat template, and the
+        resolved config (`tunesmith_config.yaml`) to `output_dir` (default `args.output_dir`)."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.args.save_resolved(output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # the resolved config next to every checkpoint (save_model above writes it into the checkpoint
+        # folder too; this keeps the run folder's copy current)
+        if self.args.should_save:
+            self.args.save_resolved(self.args.output_dir)
+
+
+UnslothTrainer = SFTTrainer
+
+
+# ---------------------------------------------------------------------- model helpers
+
+
+def final_hidden_states(model, inputs: dict) -> torch.Tensor:
+    """(B, T, H) hidden states after the final norm, without computing logits.
+
+    The forward goes through the (possibly DDP / PEFT) wrapper so that gradient synchronisation and
+    adapters work as usual; `logits_to_keep` = no position makes the LM head project nothing.
+    """
+    forward = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}
+    no_position = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
+    outputs = model(
+        **forward, use_cache=False, output_hidden_states=True, logits_to_keep=no_position, return_dict=True
+    )
+    # transformers ties hidden_states[-1] to last_hidden_state (after the final norm)
+    return outputs.hidden_states[-1]
+
+
+def _unwrap(model) -> torch.nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / DataParallel
+        model = model.module
+    if hasattr(model, "get_base_model"):  # PeftModel
+        model = model.get_base_model()
+    return model
+
+
+def lm_head_parameters(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's effective (weight (V, H), bias (V,) or None), through PEFT's wrappers.
+
+    - `modules_to_save=["lm_head"]`: the trained copy of the active adapter;
+    - LoRA on the head: base weight + the adapter's delta (dropout on the head's input is not applied);
+    - tied embeddings: the head's weight is the embedding matrix, which is what we return.
+    """
+    head = _unwrap(model).get_output_embeddings()
+    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):
+        active = head.active_adapters[0] if head.active_adapters else None
+        head = (
+            head.original_module
+            if head.disable_adapters or active not in head.modules_to_save
+            else head.modules_to_save[active]
+        )
+    if hasattr(head, "base_layer") and hasattr(head, "get_delta_weight"):
+        weight = head.base_layer.weight
+        if not head.disable_adapters and not head.merged:
+            for name in head.active_adapters:
+                if name in head.lora_A:
+                    weight = weight + head.get_delta_weight(name)
+        return weight, head.base_layer.bias
+    return head.weight, getattr(head, "bias", None)
+
+
+def _final_logit_softcap(model) -> float | None:
+    config = _unwrap(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "final_logit_softcapping", None) or None
+
+
+def _real_tokens(inputs: dict) -> torch.Tensor:
+    """Non-padding tokens in the batch (padding-free batches have no padding at all)."""
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    return torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+
+
+class _TokenCounters:
+    """Local sums since the last log: loss, correct, supervised tokens, real tokens (one tensor, one reduce)."""
+
+    def __init__(self, device):
+        self._sums = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def add(self, loss_sum, correct, supervised, tokens):
+        values = [loss_sum.detach(), correct, supervised, tokens]
+        self._sums += torch.stack([torch.as_tensor(v, device=self._sums.device).double() for v in values])
+
+    def totals(self) -> torch.Tensor:
+        return self._sums.clone()
+
+    def reset(self):
+        self._sums.zero_()
+
+
+# ---------------------------------------------------------------------- construction helpers
+
+
+def _as_sft_config(args, model) -> SFTConfig:
+    if isinstance(args, SFTConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else _model_name(model) if model is not None else "tunesmith"
+        return SFTConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(
+            f"SFTTrainer: args must be an SFTConfig or a TrainingArguments, got {type(args).__name__}"
+        )
+    # A plain TrainingArguments keeps its own values (lr 5e-5, no bf16, ...) and gets SFTConfig's data defaults.
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    if values.get("fp16") and not torch.cuda.is_available():
+        logger.warning(
+            "fp16=True needs a GPU; this machine has none, so training runs in the model's own dtype"
+        )
+        values["fp16"] = False
+    return SFTConfig(**values)
+
+
+def _apply_old_kwargs(args: SFTConfig, processing_class, old_kwargs: dict):
+    """Move TRL's old trainer keyword arguments onto `args` (each noticed once); return the tokenizer."""
+    if "tokenizer" in old_kwargs:
+        deprecation_notice(
+            "SFTTrainer.tokenizer",
+            "SFTTrainer(tokenizer=...) is the old spelling of processing_class=...; rename it.",
+        )
+        tokenizer = old_kwargs.pop("tokenizer")
+        processing_class = processing_class if processing_class is not None else tokenizer
+    for old, new in _OLD_TRAINER_KWARGS.items():
+        if old in old_kwargs:
+            value = old_kwargs.pop(old)
+            deprecation_notice(
+                f"SFTTrainer.{old}",
+                f"SFTTrainer({old}=...) is deprecated: set it on the config, SFTConfig({new}=...). Using {new}={value!r}.",
+            )
+            setattr(args, new, value)
+    if old_kwargs:
+        raise TypeError(
+            f"SFTTrainer got unexpected keyword argument(s) {sorted(old_kwargs)}; "
+            "SFTConfig fields go in args=SFTConfig(...)"
+        )
+    return processing_class
+
+
+def _fall_back_from_bitsandbytes(args: SFTConfig) -> None:
+    name = OptimizerNames(args.optim).value
+    needs_bnb = "8bit" in name or "bnb" in name or name.startswith("paged_")
+    if not needs_bnb:
+        return
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
+        return
+    logger.warning(
+        "optim=%r needs bitsandbytes on a CUDA GPU, which this machine lacks; using adamw_torch instead "
+        "(same update, 32-bit optimizer state)",
+        name,
+    )
+    args.optim = OptimizerNames.ADAMW_TORCH
+
+
+def _model_name(model) -> str:
+    config = getattr(_unwrap(model), "config", None)
+    return getattr(config, "_name_or_path", None) or "model"
+
+
+def _prepare_model(model, args: SFTConfig, peft_config):
+    """Load (if given by name), add LoRA, swap in fast modules and set the memory policy."""
+    if model is None or isinstance(model, str):
+        from tunesmith.models.load import default_model_path, load_model
+
+        name = model or args.model_name_or_path or str(default_model_path())
+        attn = None if args.attention in ("auto", "tunesmith_varlen") else args.attention
+        model = load_model(
+            name,
+            dtype=args.model_dtype,
+            trust_remote_code=args.trust_remote_code,
+            attn_implementation=attn,
+            quantization=args.model_quantization,
+            gguf_file=args.model_gguf_file,
+            **(args.model_init_kwargs or {}),
+        )
+    elif args.attention not in ("auto", "tunesmith_varlen"):
+        _unwrap(model).set_attn_implementation(args.attention)
+
+    is_peft = hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+    if peft_config is not None or (args.use_peft and not is_peft):
+        from tunesmith.models.adapters import apply_lora
+
+        if peft_config is not None:
+            model = apply_lora(model, peft_config)
+        else:
+            model = apply_lora(
+                model,
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                target_modules=args.lora_target_modules or "all-linear",
+                modules_to_save=args.lora_modules_to_save,
+            )
+    if args.use_kernels:
+        from tunesmith.ops.apply import optimize
+
+        optimize(model)
+    if not args.gradient_checkpointing:
+        policy = "offload" if args.activation_offloading else args.memory_policy
+        if policy != "none":
+            from tunesmith.ops.offload import apply_memory_policy
+
+            apply_memory_policy(model, policy)
+    return model
+
+
+def _set_pad_token(tokenizer, args: SFTConfig) -> None:
+    if args.pad_token is not None:
+        tokenizer.pad_token = args.pad_token
+    elif getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        # padding positions are never trained, so reusing eos as pad changes nothing in the loss
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool, name: str):
+    if dataset is None:
+        return None
+    from tunesmith.data.pipeline import prepare_dataset
+
+    prepared = prepare_dataset(
+        dataset, tokenizer, **_pipeline_kwargs(prepare_dataset, args, formatting_func, packing)
+    )
+    logger.info("%s dataset: %s", name, prepared.stats)
+    data = prepared.dataset
+    if hasattr(data, "add_column") and "example_index" not in (data.column_names or []):
+        # carried through the collator so that a non-finite loss can name the rows that caused it
+        data = data.add_column("example_index", list(range(len(data))))
+    return data
+
+
+def _pipeline_kwargs(prepare_dataset, args: SFTConfig, formatting_func, packing: bool) -> dict[str, Any]:
+    """SFTConfig fields that `prepare_dataset` takes, by name (the contract: same names)."""
+    params = inspect.signature(prepare_dataset).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SFTConfig)
+        if f.metadata.get("group") == "data"
+    }
+    values.pop("max_seq_length", None)
+    values["cache_dir"] = values.pop("dataset_cache_dir")
+    values.update(packing=packing, formatting_func=formatting_func, seed=args.seed)
+    return {k: v for k, v in values.items() if takes_all or k in params}
+
+
+def _default_collator(tokenizer, args: SFTConfig, padding_free: bool):
+    from tunesmith.data.collate import PaddedCollator, PaddingFreeCollator
+
+    if padding_free:
+        return PaddingFreeCollator()
+    return PaddedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+
+
+class _WithExampleIndex:
+    """Wraps a collator: takes `example_index` out of each row and puts the list on the batch."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        if features and isinstance(features[0], dict) and "example_index" in features[0]:
+            features = [dict(f) for f in features]
+            indices = [f.pop("example_index") for f in features]
+            batch = self.collator(features)
+            batch["example_index"] = indices
+            return batch
+        return self.collator(features)

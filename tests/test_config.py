@@ -1,0 +1,154 @@
+"""SFTConfig: TRL's fields and defaults, the old spelling, YAML loading, errors and round trip."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from tunesmith import config as config_module
+from tunesmith.config import ConfigError, SFTConfig, UnslothTrainingArguments, config_fields, load_config
+
+TRL_SFT_FIELDS = {
+    # TRL 1.16 SFTConfig field -> its default there
+    "model_init_kwargs": None,
+    "chat_template_path": None,
+    "dataset_text_field": "text",
+    "dataset_kwargs": None,
+    "dataset_num_proc": None,
+    "eos_token": None,
+    "pad_token": None,
+    "max_length": 1024,
+    "truncation_mode": "keep_start",
+    "shuffle_dataset": False,
+    "packing": False,
+    "packing_strategy": "bfd",
+    "pad_to_multiple_of": None,
+    "eval_packing": None,
+    "completion_only_loss": None,
+    "assistant_only_loss": False,
+    "loss_type": "nll",
+    "activation_offloading": False,
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_notices():
+    config_module._shown_notices.clear()
+
+
+def test_trl_fields_and_defaults(tmp_path):
+    cfg = SFTConfig(output_dir=str(tmp_path))
+    assert {name: getattr(cfg, name) for name in TRL_SFT_FIELDS} == TRL_SFT_FIELDS
+    # TRL's defaults that change the result are kept: lr 2e-5 (TrainingArguments: 5e-5), logging every 10
+    assert cfg.learning_rate == 2e-5 and cfg.logging_steps == 10
+    # our deviation, documented on the class: memory_policy decides instead of gradient checkpointing
+    assert cfg.gradient_checkpointing is False and cfg.memory_policy == "auto"
+    assert cfg.use_kernels is True and cfg.padding_free is None and cfg.embedding_learning_rate is None
+
+
+def test_every_field_has_help_text():
+    missing = [
+        f.name
+        for f in dataclasses.fields(SFTConfig)
+        if f.init and f.name in SFTConfig.__annotations__ and not f.metadata.get("help")
+    ]
+    assert missing == []
+
+
+def test_max_seq_length_is_an_alias_with_one_notice(tmp_path):
+    with pytest.warns(FutureWarning, match="max_seq_length.*max_length"):
+        cfg = SFTConfig(output_dir=str(tmp_path), max_seq_length=333)
+    assert cfg.max_length == 333
+    # the second use is silent (one-time notice)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SFTConfig(output_dir=str(tmp_path), max_seq_length=12)
+    assert [w for w in caught if "max_seq_length" in str(w.message)] == []
+
+
+def test_unsloth_training_arguments_takes_embedding_learning_rate(tmp_path):
+    cfg = UnslothTrainingArguments(output_dir=str(tmp_path), learning_rate=2e-4, embedding_learning_rate=5e-5)
+    assert isinstance(cfg, SFTConfig) and cfg.embedding_learning_rate == 5e-5 and cfg.learning_rate == 2e-4
+
+
+def test_load_config_sections_overrides_and_numeric_strings(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model:\n  name_or_path: ./tiny\n  trust_remote_code: false\n"
+        "lora: {use_peft: true, r: 8}\n"
+        "data: {max_length: 256, packing: true}\n"
+        "training: {learning_rate: 1e-4, output_dir: out}\n"
+    )
+    cfg = load_config(path, ["lora.r=4", "num_train_epochs=2", "lora.target_modules=[q_proj, v_proj]"])
+    # "1e-4" is a string to YAML 1.1; a float field reads it as the number it looks like
+    assert cfg.learning_rate == 1e-4
+    assert (cfg.model_name_or_path, cfg.use_peft, cfg.lora_r, cfg.max_length, cfg.packing) == (
+        "./tiny",
+        True,
+        4,
+        256,
+        True,
+    )
+    assert cfg.num_train_epochs == 2.0 and cfg.lora_target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    "raw, overrides, message",
+    [
+        ({"learnig_rate": 1e-4}, [], "run.yaml: unknown key `learnig_rate`. Did you mean `learning_rate`?"),
+        ({"lora": {"rank": 8}}, [], "unknown key `lora.rank`"),
+        ({}, ["lora.rr=3"], "unknown key `lora.rr`. Did you mean `lora.r`?"),
+        ({"lora_r": "eight"}, [], "run.yaml: `lora_r` expects int, got 'eight' (str)"),
+        ({"max_length": 1.5}, [], "`max_length` expects int or null, got 1.5 (float)"),
+        ({"packing": "yes please"}, [], "`packing` expects bool, got 'yes please' (str)"),
+        (
+            {"packing_strategy": "fifo"},
+            [],
+            "`packing_strategy` must be one of 'bfd', 'bfd_split', 'wrapped', got 'fifo'",
+        ),
+        ({}, ["learning_rate"], "write it as key=value"),
+    ],
+)
+def test_config_errors_name_the_file_key_and_fix(tmp_path, raw, overrides, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert message in str(err.value)
+
+
+def test_yaml_is_safe_load_only(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("learning_rate: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(
+        {
+            "output_dir": str(tmp_path),
+            "use_peft": True,
+            "lora_r": 4,
+            "eos_token": "<|im_end|>",
+            "report_to": "none",
+        }
+    )
+    written = cfg.save_resolved(tmp_path)
+    assert written.name == "tunesmith_config.yaml"
+    data = yaml.safe_load(written.read_text())
+    # grouped in sections; eos_token is kept (TrainingArguments.to_dict would mask every *_token field)
+    assert data["lora"]["r"] == 4 and data["data"]["eos_token"] == "<|im_end|>"
+    assert "hub_token" not in data["training"]
+    again = load_config(written)
+    assert again.to_yaml_dict() == cfg.to_yaml_dict()
+
+
+def test_every_section_key_resolves_to_one_field():
+    # the YAML sections are only spelling: each (section, key) written by to_yaml maps back to a field
+    cfg_fields = config_fields()
+    for section, values in SFTConfig(output_dir="x").to_yaml_dict().items():
+        for key in values:
+            assert config_module._section_key(section, key) in cfg_fields
