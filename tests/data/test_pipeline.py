@@ -199,3 +199,57 @@ def test_parallel_tokenization_gives_the_same_rows():
     one = prepare_dataset(rows, None, max_length=8, packing=True, cache_dir=False)
     two = prepare_dataset(rows, None, max_length=8, packing=True, dataset_num_proc=2, cache_dir=False)
     assert two.dataset.to_list() == one.dataset.to_list()
+
+
+# ---- through the tokenizer (formats.py + tokenize.py) ---------------------------------------
+
+
+def test_prompt_completion_text_is_tokenized_and_masked():
+    from tests.tiny import EOS, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    rows = [
+        {"prompt": "what is the capital of france", "completion": "paris"},
+        {"prompt": "hello", "completion": "hi"},
+    ]
+    prepared = prepare_dataset(rows, tok, max_length=16, cache_dir=False)
+    prompt = ids(["what", "is", "the", "capital", "of", "france"])
+    # completion-only loss (TRL's default): the prompt is -100, the completion and its EOS are trained
+    assert prepared.dataset.to_list() == [
+        {
+            "input_ids": prompt + [ids("paris"), EOS],
+            "labels": [-100] * 6 + [ids("paris"), EOS],
+            "seq_lengths": [8],
+        },
+        {"input_ids": [ids("hello"), ids("hi"), EOS], "labels": [-100, ids("hi"), EOS], "seq_lengths": [3]},
+    ]
+    assert prepared.stats.format == "prompt_completion"
+    assert (prepared.stats.tokens, prepared.stats.supervised_tokens) == (11, 4)
+
+
+def test_messages_train_only_the_assistant_turn():
+    from tests.tiny import IM_END, IM_START, NEWLINE, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    rows = [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}]
+    prepared = prepare_dataset(rows, tok, chat_template="chatml", cache_dir=False)
+    user = [IM_START, ids("user"), NEWLINE, ids("hello"), IM_END, NEWLINE]
+    assistant = [IM_START, ids("assistant"), NEWLINE, ids("hi"), IM_END, NEWLINE]
+    row = prepared.dataset[0]
+    assert row["input_ids"] == user + assistant
+    # trained: the reply and the <|im_end|> that ends it; not the header, not the trailing newline
+    assert row["labels"] == [-100] * 9 + [ids("hi"), IM_END, -100]
+
+
+def test_another_tokenizer_misses_the_cache(tmp_path, monkeypatch):
+    from tests.tiny import tiny_tokenizer
+
+    calls = _count_tokenize_calls(monkeypatch)
+    rows = [{"text": "hello world"}]
+    prepare_dataset(rows, tiny_tokenizer(), cache_dir=tmp_path)
+    assert prepare_dataset(rows, tiny_tokenizer(), cache_dir=tmp_path).stats.cache_hit
+    # one more word in the vocabulary is another tokenizer
+    assert not prepare_dataset(rows, tiny_tokenizer(vocab=["zebra"]), cache_dir=tmp_path).stats.cache_hit
+    assert calls == [1, 1]
