@@ -1,0 +1,147 @@
+"""LoRA linear layers without the input casts.
+
+PEFT's `lora.Linear` computes `base(x) + B(A(dropout(x))) * scaling` with A and B in fp32 when the
+base model is bf16, so every LoRA layer casts its input activation (T, in) to fp32, and autograd
+keeps that fp32 copy for the backward: one extra (T, in) copy in time and twice its bf16 size in
+memory, per adapted linear layer (seven per decoder layer with all-linear targets). On a CPU that
+cast was 19% of a SmolLM2 LoRA step in our profile.
+
+Here the low-rank path runs in the activation's dtype instead: the tiny A (r, in) and B (out, r)
+are cast down (cheap), the big activation never is, and a custom autograd function saves only
+`x` (the same tensor the frozen base linear already keeps, so no new memory) and `x @ A.T` (T, r).
+The gradients of A and B come out of bf16 matmuls (which accumulate in fp32 internally) and are
+returned in the parameters' own dtype (fp32), where the optimizer works. In fp32 everything is
+exact against PEFT; in bf16 it differs from PEFT only by bf16 rounding of the (T, r) intermediate.
+
+`lora_delta_reference` is the pure-PyTorch reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft.tuners.lora import Linear as PeftLoraLinear
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+logger = logging.getLogger("tunesmith.ops")
+
+
+def lora_delta_reference(x, lora_a, lora_b, scaling: float):
+    """The LoRA update `scaling * (x @ A.T) @ B.T`, computed in fp32 and returned in x's dtype.
+
+    x (..., in), lora_a (r, in), lora_b (out, r) -> (..., out)
+    """
+    out = (x.float() @ lora_a.float().t()) @ lora_b.float().t() * scaling
+    return out.to(x.dtype)
+
+
+class _LoraDelta(torch.autograd.Function):
+    """scaling * (x @ A.T) @ B.T in x.dtype; saves x and x @ A.T only."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scaling):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, in)
+        a = lora_a.to(x.dtype)  # (r, in)
+        b = (lora_b * scaling).to(x.dtype)  # (out, r); scaling folded in once, on the small matrix
+        xa = x2 @ a.t()  # (N, r)
+        out = xa @ b.t()  # (N, out)
+        ctx.save_for_backward(x2, xa, a, b)
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        ctx.scaling = scaling
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xa, a, b = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)  # (N, out)
+        gb = g @ b  # (N, r), scaling already inside b
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (gb @ a).reshape(*grad_out.shape[:-1], a.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_a = (gb.t() @ x2).to(ctx.param_dtypes[0])  # (r, in)
+        if ctx.needs_input_grad[2]:
+            grad_b = ((g.t() @ xa) * ctx.scaling).to(ctx.param_dtypes[1])  # (out, r)
+        return grad_x, grad_a, grad_b, None
+
+
+def lora_delta(x, lora_a, lora_b, scaling: float):
+    """`scaling * (x @ A.T) @ B.T` in x's dtype, with gradients for x, A and B (see module doc)."""
+    return _LoraDelta.apply(x, lora_a, lora_b, float(scaling))
+
+
+class FastLoraLinear(PeftLoraLinear):
+    """A PEFT `lora.Linear` whose plain-LoRA forward runs `lora_delta` (no input casts).
+
+    It is a subclass, built from an existing layer's state (same child modules, same parameter
+    objects), so PEFT still recognises it everywhere: state_dict keys, adapter saving,
+    `disable_adapter()`, `merge_and_unload()`. Only layers with one adapter, no dropout, no
+    variant (DoRA) and no LoRA bias are converted (see `_fast_path_blocker`); whenever the layer
+    is in another state at call time (adapters disabled, merged, several active), the forward
+    is PEFT's own.
+    """
+
+    @classmethod
+    def from_peft(cls, layer: PeftLoraLinear) -> FastLoraLinear:
+        fast = cls.__new__(cls)
+        # a shallow copy: the module/parameter dicts are shared with `layer`, nothing is copied
+        fast.__dict__.update(layer.__dict__)
+        return fast
+
+    def forward(self, x, *args, **kwargs):
+        active = self.active_adapters
+        if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
+            return super().forward(x, *args, **kwargs)
+        name = active[0]
+        result = self.base_layer(x)
+        delta = lora_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        return result + delta.to(result.dtype)
+
+
+def _fast_path_blocker(layer: nn.Module) -> str | None:
+    """Why this PEFT layer cannot take the fast path, or None if it can."""
+    if type(layer) is not PeftLoraLinear:
+        return f"{type(layer).__name__} (only plain peft lora.Linear is swapped)"
+    if not isinstance(layer.base_layer, nn.Linear):
+        return "base layer is not nn.Linear"
+    if len(layer.lora_A) != 1:
+        return "several adapters"
+    adapter = next(iter(layer.lora_A))
+    if layer.lora_variant.get(adapter) is not None:
+        return "a LoRA variant (e.g. DoRA)"
+    if not isinstance(layer.lora_dropout[adapter], nn.Identity):
+        return "lora_dropout > 0"
+    if layer.lora_A[adapter].bias is not None or layer.lora_B[adapter].bias is not None:
+        return "LoRA bias"
+    return None
+
+
+def swap_lora_linears(model: nn.Module) -> tuple[list[tuple[nn.Module, str, nn.Module]], dict[str, int]]:
+    """Replace each eligible PEFT `lora.Linear` in `model` by a `FastLoraLinear`.
+
+    Returns (swaps, skipped): swaps is a list of (parent, attribute name, original layer) for
+    `restore_lora_linears`; skipped counts the layers left alone, by reason.
+    """
+    swaps, skipped = [], {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, LoraLayer) or isinstance(child, FastLoraLinear):
+                continue
+            reason = _fast_path_blocker(child)
+            if reason is not None:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                continue
+            setattr(parent, name, FastLoraLinear.from_peft(child))
+            swaps.append((parent, name, child))
+    for reason, count in skipped.items():
+        logger.info("kept %d PEFT LoRA layers as they are: %s", count, reason)
+    return swaps, skipped
+
+
+def restore_lora_linears(swaps) -> None:
+    """Put the original PEFT layers back (they share the fast layers' weights)."""
+    for parent, name, original in swaps:
+        setattr(parent, name, original)

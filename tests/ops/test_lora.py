@@ -1,0 +1,131 @@
+"""The fused LoRA linear against its fp32 reference and against PEFT's own layer."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tunesmith.ops.lora import (
+    FastLoraLinear,
+    lora_delta,
+    lora_delta_reference,
+    restore_lora_linears,
+    swap_lora_linears,
+)
+
+# bf16 keeps 8 bits of mantissa: results are compared relative to their own scale
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(252, 123, 507, 5), (2, 7, 64, 96, 16)])
+def test_lora_delta_forward_and_backward_match_reference(dtype, shape):
+    *lead, d_in, d_out, r = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*lead, d_in, generator=g).to(dtype)
+    a = torch.randn(r, d_in, generator=g) / d_in**0.5  # parameters stay fp32, as PEFT keeps them
+    b = torch.randn(d_out, r, generator=g) / r**0.5
+    grad = torch.randn(*lead, d_out, generator=g).to(dtype)
+    results = []
+    for fn in (lora_delta_reference, lora_delta):
+        xi, ai, bi = (t.detach().clone().requires_grad_() for t in (x, a, b))
+        out = fn(xi, ai, bi, 2.0)
+        out.backward(grad)
+        results.append((out, xi.grad, ai.grad, bi.grad))
+    (ref, *ref_grads), (out, *grads) = results
+    assert out.dtype == dtype
+    for got, want in zip([out, *grads], [ref, *ref_grads]):
+        assert got.dtype == want.dtype  # A and B grads come back in fp32, x's in x's dtype
+        scale = want.float().abs().max()
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, **TOL[dtype])
+
+
+def tiny_lora_model(dtype, dropout=0.0):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(dtype)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False
+    )
+    return get_peft_model(model, lora)
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def relative_error(got, want):
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def test_swapped_model_matches_peft_exactly_in_fp32():
+    model = tiny_lora_model(torch.float32)
+    ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(1))
+    keys = list(model.state_dict())
+    want_logits, want_grads = loss_and_grads(model, ids)
+
+    swaps, skipped = swap_lora_linears(model)
+    # all-linear on 2 Llama layers: q, k, v, o, gate, up, down = 7 per layer
+    assert len(swaps) == 14 and skipped == {}
+    assert list(model.state_dict()) == keys  # same parameter names: PEFT saving is unchanged
+    got_logits, got_grads = loss_and_grads(model, ids)
+
+    torch.testing.assert_close(got_logits, want_logits, **TOL[torch.float32])
+    assert got_grads.keys() == want_grads.keys()
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, **TOL[torch.float32])
+
+    restore_lora_linears(swaps)
+    assert not any(isinstance(m, FastLoraLinear) for m in model.modules())
+
+
+def test_swapped_model_in_bf16_is_as_accurate_as_peft():
+    # Neither bf16 run is exact; both are compared with an fp32 run of the same weights. Ours may not
+    # be worse than PEFT's by more than a factor 2 (or 2% relative error, whichever is larger).
+    reference = tiny_lora_model(torch.float32)
+    ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(1))
+    ref_logits, ref_grads = loss_and_grads(reference, ids)
+    model = tiny_lora_model(torch.float32)
+    model.base_model.model.to(torch.bfloat16)  # base in bf16; LoRA weights back to fp32 as PEFT keeps them
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    peft_logits, peft_grads = loss_and_grads(model, ids)
+    swap_lora_linears(model)
+    ours_logits, ours_grads = loss_and_grads(model, ids)
+    pairs = [(ours_logits, peft_logits, ref_logits)] + [
+        (ours_grads[n], peft_grads[n], ref_grads[n]) for n in ref_grads
+    ]
+    for ours, peft, ref in pairs:
+        assert ours.dtype == peft.dtype
+        assert relative_error(ours, ref) <= max(2 * relative_error(peft, ref), 0.02)
+
+
+def test_peft_controls_still_reach_swapped_layers():
+    model = tiny_lora_model(torch.float32)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_logits = model(input_ids=ids).logits
+        lora_logits = model(input_ids=ids).logits
+        swap_lora_linears(model)
+        with model.disable_adapter():
+            # disabling must still turn the adapters off, i.e. PEFT sees the swapped layers
+            torch.testing.assert_close(model(input_ids=ids).logits, base_logits)
+        torch.testing.assert_close(model(input_ids=ids).logits, lora_logits, rtol=1e-5, atol=1e-5)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, lora_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_with_dropout_are_left_to_peft():
+    model = tiny_lora_model(torch.float32, dropout=0.1)
+    swaps, skipped = swap_lora_linears(model)
+    assert swaps == [] and skipped == {"lora_dropout > 0": 14}
