@@ -214,9 +214,12 @@ def _load_path(path: Path, *, split, streaming, **load_kwargs):
         files = [path]
 
     field = load_kwargs.pop("field", None)
+    columnar = []  # {"col": [...], ...} files: pyarrow would read each as a single row
     for file in files:
-        found_field = _validate_file(file)
-        field = field or found_field
+        found = _validate_file(file)
+        if isinstance(found, dict):
+            columnar.append(found)
+        field = field or (found if isinstance(found, str) else None)
     builder = FILE_BUILDERS[files[0].suffix.lower()]
     if field is not None:
         load_kwargs["field"] = field
@@ -224,6 +227,11 @@ def _load_path(path: Path, *, split, streaming, **load_kwargs):
     name, start, end = _parse_split(split or "train")
     if name != "train":
         raise DataError(f"{path}: local files hold a single split named 'train', not {name!r}")
+    if columnar and len(columnar) == len(files):
+        ds = datasets.concatenate_datasets([datasets.Dataset.from_dict(c) for c in columnar])
+        return _slice(ds, start, end, what=str(path))
+    if columnar:
+        raise DataError(f"{path}/: mixes column-oriented and row-oriented JSON files; use one layout")
     # `datasets` slices non-streaming splits itself ("train[:100]"); streaming we slice after.
     ds_split = "train" if streaming else (split or "train")
     try:
@@ -231,13 +239,16 @@ def _load_path(path: Path, *, split, streaming, **load_kwargs):
             builder, data_files=[str(f) for f in files], split=ds_split, streaming=streaming, **load_kwargs
         )
     except Exception as err:
+        if "corresponds to no data" in str(err):  # datasets' words for a split of zero rows
+            raise DataError(f"{path}: has no rows; there is nothing to train on") from None
         raise DataError(f"{path}: could not be read as {builder} ({type(err).__name__}: {err})") from err
     return _slice(ds, start, end, what=str(path)) if streaming else ds
 
 
-def _validate_file(path: Path) -> str | None:
-    """Check one file before `datasets` reads it. Returns the JSON `field` that holds the rows
-    when a .json file is an object wrapping a single list of records (`{"data": [...]}`)."""
+def _validate_file(path: Path) -> str | dict | None:
+    """Check one file before `datasets` reads it. For a .json file returns the `field` that
+    holds the rows when it is an object wrapping one list of records (`{"data": [...]}`), or
+    the parsed columns when it is column-oriented (`{"prompt": [...], "completion": [...]}`)."""
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     suffix = path.suffix.lower()
@@ -251,6 +262,8 @@ def _validate_file(path: Path) -> str | None:
         raise DataError(f"{path}: the file is empty")
     if suffix == ".json":
         return _validate_json(path, text)
+    if len([line for line in text.splitlines() if line.strip()]) < 2:
+        raise DataError(f"{path}: has no rows, only a header line; there is nothing to train on")
     return None  # .csv: UTF-8 checked; the CSV parser reports its own problems
 
 
@@ -295,7 +308,7 @@ def _validate_jsonl(path: Path) -> None:
         raise DataError(f"{path}: the file is empty (no JSON lines)")
 
 
-def _validate_json(path: Path, text: str) -> str | None:
+def _validate_json(path: Path, text: str) -> str | dict | None:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -323,7 +336,7 @@ def _validate_json(path: Path, text: str) -> str | None:
         if data and len(lists) == len(data) and len({len(v) for v in lists.values()}) == 1:
             if not next(iter(lists.values())):
                 raise DataError(f"{path}: the file is empty (columns with no values)")
-            return None  # columnar: {"prompt": [...], "completion": [...]}
+            return data  # columnar: {"prompt": [...], "completion": [...]}
     raise DataError(
         f"{path}: expected a JSON array of objects ([{{...}}, ...]), an object of equal-length columns, "
         f"or an object holding one list of objects; got {type(data).__name__}"
