@@ -1,0 +1,217 @@
+"""Unsloth's loader names, so an Unsloth script switches to tunesmith by changing its import:
+
+    from tunesmith import FastLanguageModel          # was: from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained("default", max_seq_length=2048, load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=16)
+
+Differences from Unsloth, on purpose:
+- `load_in_4bit=True` on a machine without CUDA warns once and loads the 16-bit model: almost every
+  Unsloth script carries it, and they should run on a CPU too. With CUDA it loads NF4 through
+  bitsandbytes (and fails clearly when bitsandbytes is missing).
+- Nothing is patched: these are plain functions over `load_model`, `load_tokenizer` and `apply_lora`.
+- `use_gradient_checkpointing="unsloth"` (Unsloth's offloaded checkpointing) turns on ordinary
+  non-reentrant gradient checkpointing; CPU offload of activations is `SFTConfig.activation_offloading`.
+- `target_modules=None` means all linear layers of the decoder (Unsloth's seven projections on
+  Llama-like models; the fused qkv_proj / gate_up_proj on Phi-3).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from tunesmith.models.adapters import EMBEDDING_NAMES, apply_lora
+from tunesmith.models.load import load_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# The attribute the trainer reads (through `max_seq_length_of`) to use as its default max_length.
+MAX_SEQ_LENGTH_ATTR = "tunesmith_max_seq_length"
+
+# Unsloth options with no meaning here (vLLM, its own patching, vision layers); accepted and logged.
+_UNSLOTH_ONLY = {
+    "fix_tokenizer",
+    "fast_inference",
+    "gpu_memory_utilization",
+    "float8_kv_cache",
+    "max_lora_rank",
+    "disable_log_stats",
+    "use_exact_model_name",
+    "resize_model_vocab",
+    "load_in_16bit",
+    "random_state",
+    "use_gradient_checkpointing",
+    "offload_embedding",
+    "unsloth_vllm_standby",
+    "unsloth_tiled_mlp",
+    "temporary_location",
+    "finetune_vision_layers",
+    "finetune_language_layers",
+    "finetune_attention_modules",
+    "finetune_mlp_modules",
+}
+
+_warned_4bit = False
+
+
+def max_seq_length_of(model) -> int | None:
+    """The max_seq_length given to `FastLanguageModel.from_pretrained` / `get_peft_model`, or None.
+    Works on a PeftModel too (it forwards unknown attributes to the model it wraps)."""
+    return getattr(model, MAX_SEQ_LENGTH_ATTR, None)
+
+
+def _set_max_seq_length(model, max_seq_length) -> None:
+    if max_seq_length is None:
+        return
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    setattr(target, MAX_SEQ_LENGTH_ATTR, int(max_seq_length))
+    # Unsloth scripts read model.max_seq_length.
+    target.max_seq_length = int(max_seq_length)
+
+
+def _drop_unsloth_only(kwargs: dict, where: str) -> dict:
+    ignored = sorted(set(kwargs) & _UNSLOTH_ONLY)
+    if ignored:
+        logger.info("%s: ignoring Unsloth-only options %s (no effect in tunesmith)", where, ignored)
+    return {k: v for k, v in kwargs.items() if k not in _UNSLOTH_ONLY}
+
+
+def _quantization(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool):
+    global _warned_4bit
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    if full_finetuning:
+        logger.warning("full_finetuning=True trains every weight, so the model loads in 16-bit, not 4/8-bit")
+        return None
+    if not torch.cuda.is_available():
+        if not _warned_4bit:
+            warnings.warn(
+                "load_in_4bit/load_in_8bit needs a CUDA GPU and this machine has none: loading the model "
+                "in 16-bit instead (LoRA trains the same way; it only uses more memory)",
+                stacklevel=3,
+            )
+            _warned_4bit = True
+        return None
+    return "4bit" if load_in_4bit else "8bit"
+
+
+class FastLanguageModel:
+    """Unsloth's `FastLanguageModel` entry points, on top of tunesmith's loader and LoRA."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name="default",
+        max_seq_length=2048,
+        dtype=None,
+        load_in_4bit=False,
+        load_in_8bit=False,
+        full_finetuning=False,
+        token=None,
+        trust_remote_code=False,
+        **kwargs,
+    ):
+        """(model, tokenizer) for `model_name` (a folder, Hub id, .gguf file or "default").
+
+        dtype None means "auto" (bf16 where the hardware runs it fast). `max_seq_length` is stored on
+        the model (`model.max_seq_length`, `max_seq_length_of(model)`) for the trainer's max_length,
+        and as the tokenizer's `model_max_length`.
+        """
+        kwargs = _drop_unsloth_only(kwargs, "FastLanguageModel.from_pretrained")
+        hub = {"token": token} if token is not None else {}
+        for key in ("revision", "cache_dir", "local_files_only"):
+            if key in kwargs:
+                hub[key] = kwargs[key]
+        model = load_model(
+            model_name,
+            dtype="auto" if dtype is None else dtype,
+            trust_remote_code=trust_remote_code,
+            quantization=_quantization(load_in_4bit, load_in_8bit, full_finetuning),
+            **hub,
+            **{k: v for k, v in kwargs.items() if k not in hub},
+        )
+        tokenizer = load_tokenizer(
+            model_name, trust_remote_code=trust_remote_code, gguf_file=kwargs.get("gguf_file"), **hub
+        )
+        _set_max_seq_length(model, max_seq_length)
+        if max_seq_length is not None:
+            tokenizer.model_max_length = int(max_seq_length)
+        if full_finetuning:
+            for param in model.parameters():
+                param.requires_grad_(True)
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model,
+        r=16,
+        target_modules=None,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
+        use_rslora=False,
+        modules_to_save=None,
+        loftq_config=None,
+        max_seq_length=None,
+        **kwargs,
+    ):
+        """A PeftModel with LoRA on `target_modules` (None: all linear layers except the LM head).
+
+        As in Unsloth, "embed_tokens" / "lm_head" listed in target_modules are trained in full
+        (moved to modules_to_save), `random_state` seeds the adapter initialisation, and
+        `use_gradient_checkpointing` (True or "unsloth") turns on gradient checkpointing.
+        """
+        kwargs = _drop_unsloth_only(kwargs, "FastLanguageModel.get_peft_model")
+        saved = list(modules_to_save or [])
+        if target_modules is None:
+            targets = "all-linear"
+        elif isinstance(target_modules, str):
+            targets = target_modules
+        else:
+            targets = [t for t in target_modules if t not in EMBEDDING_NAMES]
+            moved = [t for t in target_modules if t in EMBEDDING_NAMES and t not in saved]
+            if moved:
+                logger.info("training %s in full (modules_to_save), as Unsloth does", moved)
+                saved += moved
+        if loftq_config:
+            kwargs.setdefault("init_lora_weights", "loftq")
+            kwargs["loftq_config"] = loftq_config
+        if use_gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        torch.manual_seed(random_state)
+        peft_model = apply_lora(
+            model,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=targets,
+            modules_to_save=saved or None,
+            bias=bias,
+            use_rslora=use_rslora,
+            **kwargs,
+        )
+        _set_max_seq_length(peft_model, max_seq_length or max_seq_length_of(model))
+        return peft_model
+
+    @staticmethod
+    def for_inference(model):
+        """Eval mode with the KV cache on (generation)."""
+        model.eval()
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.use_cache = True
+        return model
+
+    @staticmethod
+    def for_training(model, use_gradient_checkpointing=True):
+        """Train mode; the KV cache off, since training never reuses it."""
+        model.train()
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.use_cache = False
+        return model
