@@ -253,3 +253,72 @@ def test_default_model_converts_once_into_a_plain_safetensors_folder(converted_d
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n")
     loaded = load_model("smollm2", dtype="fp32")
     torch.testing.assert_close(loaded.model.norm.weight, model.model.norm.weight, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- GGUF files
+
+
+def _bpe_llama_folder(folder):
+    """A tiny Llama with a byte-level BPE tokenizer (the kind GGUF stores, as SmolLM2's), saved in folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=280,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(["hello world, the quick brown fox"] * 10, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    tokenizer.chat_template = tiny_tokenizer().chat_template
+    tokenizer.save_pretrained(folder)
+    model = tiny_model(
+        "llama", vocab_size=len(tokenizer), bos_token_id=256, eos_token_id=257, pad_token_id=None
+    )
+    model.save_pretrained(folder)
+    return model, tokenizer
+
+
+def test_a_gguf_file_is_converted_once_per_content(tmp_path, monkeypatch):
+    from tunesmith.export import export_gguf
+
+    model, tokenizer = _bpe_llama_folder(tmp_path / "src")
+    gguf_file = export_gguf(tmp_path / "src", tmp_path / "tiny.gguf", type="f16")
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+
+    loaded = load_model(gguf_file, dtype="fp32")
+    folders = list((tmp_path / "cache" / "models").iterdir())
+    assert (
+        len(folders) == 1
+        and folders[0].name.startswith("tiny-")
+        and len(folders[0].name) == len("tiny-") + 12
+    )
+    # a plain model (Trainer trains it), equal to the source rounded to f16 (the GGUF type), up to
+    # float32 summation order
+    assert getattr(loaded.config, "quantization_config", None) is None
+    reference = tiny_model(
+        "llama", vocab_size=len(tokenizer), bos_token_id=256, eos_token_id=257, pad_token_id=None
+    )
+    reference.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    ids = torch.tensor([tokenizer("hello world").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+    # the tokenizer comes from the same file, chat template included; the folder + gguf_file form
+    # resolves to the same converted folder (no second conversion)
+    converted_at = folders[0].stat().st_mtime_ns
+    gguf_tokenizer = load_tokenizer(tmp_path, gguf_file="tiny.gguf")
+    assert gguf_tokenizer("hello world").input_ids == tokenizer("hello world").input_ids
+    assert gguf_tokenizer.chat_template == tokenizer.chat_template
+    assert gguf_tokenizer.pad_token == "<|im_end|>"  # no pad token in the vocabulary: eos
+    assert [f.stat().st_mtime_ns for f in (tmp_path / "cache" / "models").iterdir()] == [converted_at]
+
+    # other content under the same name gets its own folder
+    export_gguf(tmp_path / "src", tmp_path / "tiny.gguf", type="bf16")
+    load_model(gguf_file, dtype="fp32")
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
