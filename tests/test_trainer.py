@@ -1,0 +1,289 @@
+"""SFTTrainer's surface: TRL's constructor and old spellings, formats, eval, optimizer groups,
+metrics, saving, the NaN guard."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from tests.tiny import tiny_model, tiny_tokenizer
+from transformers import TrainingArguments
+
+from tunesmith import SFTConfig, SFTTrainer, UnslothTrainer
+from tunesmith import config as config_module
+from tunesmith.callbacks import NonFiniteLossError
+
+PAIRS = [
+    ("What is the capital of France?", "Paris."),
+    ("Who wrote Hamlet?", "William Shakespeare."),
+    ("What color is the sky?", "Blue."),
+    ("Say yes.", "Yes."),
+]
+
+
+def config(tmp_path, **overrides) -> SFTConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        dataset_cache_dir=False,
+        memory_policy="none",
+        use_kernels=False,  # TEMP until ops.apply lands
+    )
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_notices():
+    config_module._shown_notices.clear()
+
+
+# Every documented dataset format, as a user would write it.
+FORMATS = {
+    "text": [{"text": f"{p} {c}"} for p, c in PAIRS],
+    "prompt_response": [{"prompt": p, "response": c} for p, c in PAIRS],
+    "prompt_completion": [{"prompt": p, "completion": c} for p, c in PAIRS],
+    "conversational_prompt_completion": [
+        {"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
+        for p, c in PAIRS
+    ],
+    "alpaca": [{"instruction": p, "input": "", "output": c} for p, c in PAIRS],
+    "messages": [
+        {
+            "messages": [
+                {"role": "system", "content": "Be short."},
+                {"role": "user", "content": p},
+                {"role": "assistant", "content": c},
+            ]
+        }
+        for p, c in PAIRS
+    ],
+    "sharegpt": [
+        {"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": c}]} for p, c in PAIRS
+    ],
+    "tokenized": [
+        {"input_ids": [7 + i, 8 + i, 9 + i, 2], "labels": [-100, 8 + i, 9 + i, 2]} for i in range(4)
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_every_dataset_format_reaches_the_trainer_and_trains(tmp_path, name):
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path),
+        train_dataset=FORMATS[name],
+        processing_class=tiny_tokenizer(),
+    )
+    row = trainer.train_dataset[0]
+    assert len(row["input_ids"]) == len(row["labels"]) and any(label != -100 for label in row["labels"])
+    out = trainer.train()
+    assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
+
+
+def test_formatting_func(tmp_path):
+    data = [{"q": p, "a": c} for p, c in PAIRS]
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path),
+        train_dataset=data,
+        processing_class=tiny_tokenizer(),
+        formatting_func=lambda ex: f"{ex['q']} {ex['a']}",
+    )
+    tok = tiny_tokenizer()
+    # the whole formatted text is trained, eos appended
+    assert trainer.train_dataset[0]["input_ids"] == tok(f"{PAIRS[0][0]} {PAIRS[0][1]}").input_ids + [
+        tok.eos_token_id
+    ]
+
+
+def test_old_spellings_work_with_one_notice_each(tmp_path):
+    data = [{"prompt": p, "response": c} for p, c in PAIRS]
+    with pytest.warns(FutureWarning) as caught:
+        trainer = SFTTrainer(
+            model=tiny_model("llama"),
+            tokenizer=tiny_tokenizer(),
+            train_dataset=[{"prompt": p + " " + c} for p, c in PAIRS],
+            dataset_text_field="prompt",
+            max_seq_length=7,
+            packing=False,
+            dataset_num_proc=1,
+            args=TrainingArguments(output_dir=str(tmp_path), report_to="none", max_steps=1),
+        )
+    messages = " ".join(str(w.message) for w in caught)
+    for old in ("tokenizer=", "dataset_text_field=", "max_seq_length=", "packing=", "dataset_num_proc="):
+        assert old in messages
+    assert trainer.args.max_length == 7 and trainer.args.dataset_text_field == "prompt"
+    assert max(len(r["input_ids"]) for r in trainer.train_dataset) == 7  # truncated to the old max_seq_length
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        SFTTrainer(tiny_model("llama"), tokenizer=tiny_tokenizer(), train_dataset=data, args=config(tmp_path))
+    assert [w for w in again if "tokenizer=" in str(w.message)] == []  # once per process
+
+
+def test_plain_training_arguments_keep_their_values(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=5e-5, report_to="none", max_steps=1)
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=args,
+        train_dataset=FORMATS["prompt_completion"],
+        processing_class=tiny_tokenizer(),
+    )
+    assert isinstance(trainer.args, SFTConfig)
+    assert (
+        trainer.args.learning_rate == 5e-5 and trainer.args.max_length == 1024
+    )  # SFT fields get TRL's defaults
+
+
+def test_unknown_keyword_is_a_type_error(tmp_path):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['max_lenght'\]"):
+        SFTTrainer(
+            tiny_model("llama"), args=config(tmp_path), processing_class=tiny_tokenizer(), max_lenght=4
+        )
+
+
+def test_unsloth_trainer_is_sft_trainer():
+    assert UnslothTrainer is SFTTrainer
+
+
+def test_metrics_are_logged(tmp_path):
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path),
+        train_dataset=FORMATS["prompt_completion"],
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    first, second = trainer.state.log_history[:2]
+    for key in (
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "mean_token_accuracy",
+        "num_tokens",
+        "num_supervised_tokens",
+        "tokens_per_second",
+    ):
+        assert key in first
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    # running totals: after two steps of two rows, all four rows' tokens were seen
+    assert second["num_tokens"] == sum(len(r["input_ids"]) for r in rows)
+    assert second["num_supervised_tokens"] == sum(sum(lab != -100 for lab in r["labels"]) for r in rows)
+    assert 0.0 <= first["mean_token_accuracy"] <= 1.0
+
+
+def test_eval_loss_does_not_depend_on_eval_batch_size(tmp_path):
+    extra = [
+        ("Hi", "Hello! How can I help you today?"),
+        ("Tell a story.", "The cat and the dog were friends for a long time."),
+        ("Two?", "Two."),
+    ]
+    data = [{"prompt": p, "completion": c} for p, c in PAIRS + extra]  # 7 rows of different lengths
+    losses = {}
+    for eval_batch in (1, 3, 7):
+        trainer = SFTTrainer(
+            tiny_model("llama", initializer_range=0.5),
+            args=config(tmp_path, per_device_eval_batch_size=eval_batch),
+            eval_dataset=data,
+            processing_class=tiny_tokenizer(),
+        )
+        metrics = trainer.evaluate()
+        losses[eval_batch] = metrics["eval_loss"]
+        assert metrics["eval_perplexity"] == pytest.approx(
+            torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-6
+        )
+        assert 0.0 <= metrics["eval_mean_token_accuracy"] <= 1.0
+    assert losses[3] == pytest.approx(losses[1], rel=1e-6) and losses[7] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_eval_dataset_dict_gets_one_prefix_each(tmp_path):
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path),
+        eval_dataset={"a": FORMATS["prompt_completion"], "b": FORMATS["messages"]},
+        processing_class=tiny_tokenizer(),
+    )
+    metrics = trainer.evaluate()
+    assert "eval_a_loss" in metrics and "eval_b_loss" in metrics and "eval_b_perplexity" in metrics
+
+
+def test_embedding_learning_rate_gets_its_own_group(tmp_path):
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path, learning_rate=1e-3, embedding_learning_rate=1e-5, weight_decay=0.1),
+        train_dataset=FORMATS["prompt_completion"],
+        processing_class=tiny_tokenizer(),
+    )
+    optimizer = trainer.create_optimizer()
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    embed = trainer.model.get_input_embeddings().weight
+    assert by_name["embedding"]["lr"] == 1e-5 and any(p is embed for p in by_name["embedding"]["params"])
+    norm = trainer.model.model.norm.weight
+    assert by_name["no_decay"]["weight_decay"] == 0.0 and any(
+        p is norm for p in by_name["no_decay"]["params"]
+    )
+    assert by_name["decay"]["lr"] == 1e-3 and by_name["decay"]["weight_decay"] == 0.1
+
+
+def test_adamw_8bit_falls_back_on_a_machine_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: 8-bit AdamW would be used")
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path, optim="adamw_8bit"),
+        train_dataset=FORMATS["prompt_completion"],
+        processing_class=tiny_tokenizer(),
+    )
+    assert trainer.args.optim.value == "adamw_torch"
+    assert type(trainer.create_optimizer()).__name__ == "AdamW"
+
+
+def test_nan_loss_stops_with_the_step_and_rows(tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    trainer = SFTTrainer(
+        model,
+        args=config(tmp_path),
+        train_dataset=FORMATS["prompt_completion"],
+        processing_class=tiny_tokenizer(),
+    )
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "loss is nan at optimizer step 1" in message
+    # two rows in the first batch, named by their index in the prepared training set
+    rows = json.loads(message.split("rows ")[1].split("]")[0] + "]")
+    assert len(rows) == 2 and set(rows) <= {0, 1, 2, 3}
+
+
+def test_save_model_writes_model_tokenizer_template_and_config(tmp_path):
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path),
+        train_dataset=FORMATS["messages"],
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.save_model(str(tmp_path / "final"))
+    files = {p.name for p in (tmp_path / "final").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tunesmith_config.yaml"} <= files
+    saved = json.loads((tmp_path / "final" / "tokenizer_config.json").read_text()).get("chat_template") or (
+        (tmp_path / "final" / "chat_template.jinja").read_text()
+    )
+    assert "<|im_start|>" in saved
+
+
+def test_model_given_by_path(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    trainer = SFTTrainer(
+        str(tmp_path / "tiny"),
+        args=config(tmp_path, model_dtype="float32"),
+        train_dataset=FORMATS["prompt_completion"],
+    )
+    assert trainer.model.config.hidden_size == 64 and trainer.processing_class.eos_token == "</s>"
+    assert trainer.train().global_step == 2

@@ -1,0 +1,139 @@
+"""The loss is the sum over supervised tokens / supervised tokens of the whole optimizer step.
+
+So 1×8, 2×4 and 8×1 (accumulation × batch) give the same loss and the same gradients, on data
+whose examples have very different numbers of supervised tokens, and they equal the plain
+token-mean cross-entropy of the eight examples computed here with transformers' own loss.
+"""
+
+import pytest
+import torch
+from tests.tiny import tiny_model, tiny_tokenizer
+from transformers import TrainerCallback
+
+from tunesmith import SFTConfig, SFTTrainer
+
+# Completions from 1 to ~30 supervised tokens: a per-micro-batch mean would weigh them very differently.
+EIGHT = [
+    {"prompt": "What is the capital of France?", "completion": "Paris."},
+    {
+        "prompt": "Who wrote Hamlet?",
+        "completion": "William Shakespeare wrote Hamlet, and he wrote it a long time ago in the old world.",
+    },
+    {"prompt": "Say yes.", "completion": "Yes"},
+    {
+        "prompt": "Tell a story.",
+        "completion": "The cat and the dog were friends. One day the cat said hello to the dog and the dog said hello to the cat, "
+        "and they were good friends for a long time.",
+    },
+    {"prompt": "What color is the sky?", "completion": "Blue."},
+    {"prompt": "Add one plus two.", "completion": "One plus two is three, so the answer is three."},
+    {
+        "prompt": "Hi",
+        "completion": "Hello! How can I help you today? I can answer a question or tell a joke.",
+    },
+    {"prompt": "Name a fruit.", "completion": "Apple"},
+]
+
+
+# Large initial weights make per-token losses differ widely (a near-uniform random model would give
+# every token about ln(256) and hide a wrong weighting).
+MODEL = dict(arch="llama", initializer_range=0.5)
+
+
+class GradientGrab(TrainerCallback):
+    """Copies every gradient just before the (single) optimizer step."""
+
+    def __init__(self):
+        self.grads = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grad_close(actual, expected, name, rel=1e-4):
+    """Largest difference within `rel` of the largest gradient entry (fp32 sums in another order)."""
+    scale = expected.abs().max().item()
+    diff = (actual - expected).abs().max().item()
+    assert diff <= rel * scale + 1e-7, f"{name}: max |diff| {diff:.3g} vs max |grad| {scale:.3g}"
+
+
+def one_step(tmp_path, accumulation, batch, **overrides):
+    grab = GradientGrab()
+    args = SFTConfig(
+        output_dir=str(tmp_path / f"run-{accumulation}x{batch}"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        logging_steps=1,
+        max_grad_norm=0.0,  # no clipping: compare the raw gradients
+        report_to="none",
+        save_strategy="no",
+        dataset_cache_dir=False,
+        memory_policy="none",
+        **{"use_kernels": False, **overrides},  # TEMP until ops.apply lands
+    )
+    trainer = SFTTrainer(
+        model=tiny_model(**MODEL),
+        args=args,
+        train_dataset=EIGHT,
+        processing_class=tiny_tokenizer(),
+        callbacks=[grab],
+    )
+    trainer.train()
+    return trainer, trainer.state.log_history[0]["loss"], grab.grads
+
+
+def reference_loss_and_grads(trainer_dataset):
+    """transformers' own cross-entropy, per example, weighted by tokens: Σ sum_i / Σ n_i."""
+    model = tiny_model(**MODEL)
+    total, count, means = 0.0, 0, []
+    for row in trainer_dataset:
+        input_ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor([row["labels"]])
+        n = int((labels[0, 1:] != -100).sum())
+        mean = model(input_ids=input_ids, labels=labels).loss  # mean over this example's n tokens
+        total = total + mean * n
+        count += n
+        means.append(mean.item())
+    loss = total / count
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return loss.item(), grads, sum(means) / len(means)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("accumulation")
+    return {shape: one_step(tmp, *shape) for shape in [(1, 8), (2, 4), (8, 1)]}
+
+
+def test_same_loss_and_gradients_for_1x8_2x4_8x1(runs):
+    (_, loss_18, grads_18), (_, loss_24, grads_24), (_, loss_81, grads_81) = (
+        runs[(1, 8)],
+        runs[(2, 4)],
+        runs[(8, 1)],
+    )
+    assert loss_24 == pytest.approx(loss_18, rel=1e-5) and loss_81 == pytest.approx(loss_18, rel=1e-5)
+    assert grads_18.keys() == grads_24.keys() == grads_81.keys() and len(grads_18) > 0
+    for name in grads_18:
+        assert_grad_close(grads_24[name], grads_18[name], name)
+        assert_grad_close(grads_81[name], grads_18[name], name)
+
+
+def test_loss_and_gradients_equal_the_token_mean_reference(runs):
+    trainer, loss, grads = runs[(2, 4)]
+    ref_loss, ref_grads, mean_of_means = reference_loss_and_grads(trainer.train_dataset)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    # the data is such that averaging per example would be visibly wrong (so this test can fail)
+    assert abs(mean_of_means - ref_loss) > 0.02
+    for name, grad in grads.items():
+        assert_grad_close(grad, ref_grads[name], name)
+
+
+def test_padded_batches_give_the_same_step(runs, tmp_path):
+    # padding_free=False pads each micro-batch instead of concatenating it: same loss, same gradients
+    _, loss, grads = one_step(tmp_path, 2, 4, padding_free=False)
+    _, loss_ref, grads_ref = runs[(2, 4)]
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+    for name in grads_ref:
+        assert_grad_close(grads[name], grads_ref[name], name)
