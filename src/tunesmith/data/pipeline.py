@@ -43,6 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tunesmith.data import packing as packing_ops
+from tunesmith.data.formats import detect_format, normalize_example
+from tunesmith.data.sources import describe_source, load_source
 
 logger = logging.getLogger("tunesmith.data")
 
@@ -199,8 +201,6 @@ def prepare_dataset(
         "assistant_only_loss": assistant_only_loss,
         "train_on_inputs": train_on_inputs,
     }
-    from tunesmith.data.sources import describe_source, load_source
-
     stats = DataStats(source=describe_source(source), max_length=max_length, streaming=streaming)
     if skip:
         dataset = load_source(source, split=split, streaming=streaming, **dataset_kwargs)
@@ -259,8 +259,6 @@ def _check_settings(max_length, truncation_mode, packing, packing_strategy) -> N
 
 
 def _detect(dataset, options) -> str:
-    from tunesmith.data.formats import detect_format
-
     first = next(iter(dataset.take(1)), None) if hasattr(dataset, "take") else None
     return detect_format(
         dataset.column_names or list(first or {}),
@@ -327,19 +325,18 @@ def _tokenize_options(tokenizer, fmt: str, options: dict) -> dict:
 
 def _tokenize_batch(batch: dict, indices: list[int], *, fmt: str, tokenizer, options: dict) -> dict:
     """datasets.map(batched=True) body: source rows -> {"input_ids": [...], "labels": [...]}."""
-    from tunesmith.data.formats import normalize_example
-
     input_ids, labels = [], []
     columns = list(batch)
     for j, index in enumerate(indices):
         example = {column: batch[column][j] for column in columns}
-        ids, example_labels = _tokenize_one(example, index, fmt, tokenizer, options, normalize_example)
+        ids, example_labels = _tokenize_one(example, index, fmt, tokenizer, options)
         input_ids.append(ids)
         labels.append(example_labels)
     return {"input_ids": input_ids, "labels": labels}
 
 
-def _tokenize_one(example, index, fmt, tokenizer, options, normalize_example):
+def _tokenize_one(example: dict, index: int, fmt: str, tokenizer, options: dict) -> tuple[list, list]:
+    """One source row -> (input_ids, labels): normalise, then tokenize; pre-tokenized rows pass through."""
     normalized = normalize_example(
         example,
         fmt,
@@ -417,9 +414,8 @@ def _length_summary(lengths: np.ndarray) -> tuple[dict, dict]:
 
 def _to_dataset(table: pa.Table):
     import datasets
-    from datasets.table import InMemoryTable
 
-    return datasets.Dataset(InMemoryTable(table))
+    return datasets.Dataset(datasets.table.InMemoryTable(table))
 
 
 # --------------------------------------------------------------------------------------
@@ -473,9 +469,12 @@ def _stream_rows(dataset, tokenizer, fmt: str, options: dict, settings: dict, st
 
     bfd packs each window of STREAM_PACKING_BUFFER examples. wrapped carries the partial
     last row of a window into the next one, so it gives exactly the rows of the
-    non-streaming path.
+    non-streaming path. Each pass over the stream (epoch) starts the counts afresh; in
+    DataLoader worker processes the counts stay in the workers.
     """
-    from tunesmith.data.formats import normalize_example
+    stats.examples_in = stats.examples_out = stats.rows = stats.tokens = stats.supervised_tokens = 0
+    stats.truncated = stats.tokens_truncated = stats.tokens_dropped = 0
+    stats.dropped = {"longer_than_max_length": 0, "no_trained_token": 0}
 
     max_length, mode, strategy = (
         settings["max_length"],
@@ -488,7 +487,7 @@ def _stream_rows(dataset, tokenizer, fmt: str, options: dict, settings: dict, st
     warned = False
     for index, example in enumerate(dataset):
         stats.examples_in += 1
-        ids, labels = _tokenize_one(example, index, fmt, tokenizer, options, normalize_example)
+        ids, labels = _tokenize_one(example, index, fmt, tokenizer, options)
         table, truncation = packing_ops.truncate(
             {"input_ids": [ids], "labels": [labels]}, max_length=cut_at, truncation_mode=mode, log=False
         )
@@ -568,8 +567,6 @@ def _count_rows(rows: list[dict], stats: DataStats):
 def _cache_key(source, tokenizer, settings: dict, formatting_func, dataset_kwargs: dict):
     """(key, loaded dataset or None). The key is None when the source cannot be fingerprinted."""
     import datasets
-
-    from tunesmith.data.sources import load_source
 
     loaded = None
     if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
