@@ -123,10 +123,11 @@ def test_pickle_weights_are_refused_unless_asked_for(tmp_path):
     )
 
 
+# {sentinel} is an absolute path: transformers runs remote code from a copy in its modules cache.
 REMOTE_CONFIG = """
 from transformers import LlamaConfig
 import pathlib
-pathlib.Path(__file__).with_name("CODE_RAN").write_text("yes")
+pathlib.Path({sentinel!r}).write_text("yes")
 
 class RemoteConfig(LlamaConfig):
     model_type = "remote_llama"
@@ -135,8 +136,11 @@ class RemoteConfig(LlamaConfig):
 
 def test_remote_code_does_not_run_by_default(tmp_path):
     # A folder whose config points at Python code (auto_map): loading must not import it unless
-    # trust_remote_code=True; the module writes CODE_RAN when it is imported.
-    (tmp_path / "configuration_remote.py").write_text(REMOTE_CONFIG)
+    # trust_remote_code=True; the module writes CODE_RAN when it is imported (checked by hand: with
+    # trust_remote_code=True the file appears).
+    (tmp_path / "configuration_remote.py").write_text(
+        REMOTE_CONFIG.format(sentinel=str(tmp_path / "CODE_RAN"))
+    )
     config = tiny_model("llama").config.to_dict()
     config.update(model_type="remote_llama", auto_map={"AutoConfig": "configuration_remote.RemoteConfig"})
     (tmp_path / "config.json").write_text(json.dumps(config))
