@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import os
 import types
 import typing
 import warnings
@@ -74,6 +75,12 @@ def _bf16_supported() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 @dataclass
@@ -320,6 +327,10 @@ class SFTConfig(TrainingArguments):
             self.max_seq_length = None
         if self.bf16 is None:
             self.bf16 = not self.fp16 and _bf16_supported()
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # accelerate runs data parallelism on CPUs (gloo) only when told `cpu`; without it each of
+            # the launched processes would train alone on its own shard of nothing
+            self.use_cpu = True
         _check_choice("truncation_mode", self.truncation_mode, ("keep_start", "keep_end", "drop"))
         _check_choice("packing_strategy", self.packing_strategy, ("bfd", "bfd_split", "wrapped"))
         _check_choice("loss_type", self.loss_type, ("nll", "dft"))
