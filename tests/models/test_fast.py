@@ -139,3 +139,14 @@ def test_seed_000_loader_lines_load_the_same_folder(model_name):
     assert tokenizer("hello world .").input_ids == our_tokenizer("hello world .").input_ids == [120, 206, 20]
     with torch.no_grad():
         torch.testing.assert_close(ours(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_unsloth_helpers(monkeypatch):
+    from tunesmith.models.fast import FastModel, is_bfloat16_supported
+
+    assert FastModel is FastLanguageModel
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert is_bfloat16_supported() is False  # a pre-Ampere GPU: fp16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert is_bfloat16_supported() is True

@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from tunesmith.models.adapters import EMBEDDING_NAMES, apply_lora
-from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.models.load import load_model, load_tokenizer, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,12 @@ def _quantization(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool)
             _warned_4bit = True
         return None
     return "4bit" if load_in_4bit else "8bit"
+
+
+def is_bfloat16_supported() -> bool:
+    """Unsloth's helper (`bf16=is_bfloat16_supported()` in its scripts): True where "auto" picks bf16,
+    on the GPU or, unlike Unsloth, on a CPU with native bf16."""
+    return resolve_dtype("auto") == torch.bfloat16
 
 
 class FastLanguageModel:
@@ -215,3 +221,7 @@ class FastLanguageModel:
         if config is not None:
             config.use_cache = False
         return model
+
+
+# Newer Unsloth notebooks load text models through `FastModel`; the same entry points.
+FastModel = FastLanguageModel
