@@ -20,6 +20,7 @@ character span is mapped to tokens with the tokenizer's offset mapping.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import json
 import logging
@@ -267,10 +268,14 @@ def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_
             f"conversational data needs a chat template and the tokenizer has none; {NO_TEMPLATE_FIX}"
         )
 
-    def render(msgs, generation_prompt: bool) -> str:
+    def render(conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
+        # One batched call per setting: apply_chat_template's own overhead is paid once,
+        # not once per prefix.
+        if not conversations:
+            return []
         try:
-            return tokenizer.apply_chat_template(
-                msgs,
+            out = tokenizer.apply_chat_template(
+                conversations,
                 tools=tools,
                 chat_template=template,
                 tokenize=False,
@@ -280,9 +285,15 @@ def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_
             raise DataError(
                 f"the chat template failed to render the conversation: {type(err).__name__}: {err}"
             ) from err
+        return list(out)
 
-    text = render(messages, add_generation_prompt)
-    spans = _assistant_spans(render, messages, text)
+    turns = [i for i, msg in enumerate(messages) if msg["role"] == "assistant"]
+    befores = render([messages[:i] for i in turns], True)
+    throughs = render([messages[: i + 1] for i in turns] + [messages], add_generation_prompt)
+    if add_generation_prompt:  # the full text differs from the last "through": render it apart
+        throughs = throughs[:-1] + render([messages], True)
+    text = throughs.pop()
+    spans = _assistant_spans(turns, befores, throughs, text)
     if spans is None:
         if "generation %}" in template:
             return _marked_turns(tokenizer, messages, tools, template, add_generation_prompt)
@@ -296,15 +307,14 @@ def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_
     return _tokenize_spans(tokenizer, text, spans)
 
 
-def _assistant_spans(render, messages, text: str) -> list[tuple[int, int, int]] | None:
+def _assistant_spans(turns, befores, throughs, text: str) -> list[tuple[int, int, int]] | None:
     """Character spans (start, end, message index) of the assistant turns in `text`, or None
-    when the template is not prefix-stable (an earlier turn renders differently with later turns)."""
+    when the template is not prefix-stable (an earlier turn renders differently with later turns).
+
+    `befores[k]` is the rendering of the messages before assistant turn `turns[k]` with the
+    generation prompt; `throughs[k]` the rendering up to and including that turn."""
     spans = []
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        before = render(messages[:i], True)
-        through = render(messages[: i + 1], False)
+    for i, before, through in zip(turns, befores, throughs):
         if not (text.startswith(through) and through.startswith(before)):
             return None
         end = len(through.rstrip())
@@ -329,17 +339,19 @@ def _warn_if_no_stop_token(tokenizer, text: str, spans) -> None:
 def _tokenize_spans(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
     """Tokens of `text` and, per token, the message index of the span it overlaps (or -1)."""
     # The template writes BOS itself when the model wants one, so no special tokens are added.
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:
+        enc = backend.encode(text, add_special_tokens=False)
+        ids, offsets = list(enc.ids), enc.offsets
+        starts = [start for start, _ in offsets]
+        ends = [max(end, start + 1) for start, end in offsets]  # zero-width tokens count at their start
         turns = [-1] * len(ids)
-        k = 0  # spans and tokens are both in text order: one pass
-        for t, (start, end) in enumerate(enc["offset_mapping"]):
-            end = max(end, start + 1)
-            while k < len(spans) and spans[k][1] <= start:
-                k += 1
-            if k < len(spans) and start < spans[k][1] and end > spans[k][0]:
-                turns[t] = spans[k][2]
+        for span_start, span_end, turn in spans:
+            # tokens overlapping [span_start, span_end): first with end > span_start, up to the
+            # last with start < span_end (offsets are non-decreasing along the text)
+            first = bisect.bisect_right(ends, span_start)
+            last = bisect.bisect_left(starts, span_end)
+            turns[first:last] = [turn] * max(0, last - first)
         return ids, turns
     # Slow tokenizers have no offsets: tokenize the pieces between span edges one by one.
     ids, turns, cursor = [], [], 0
