@@ -1,0 +1,361 @@
+"""Fused LM head + cross-entropy that never builds the full (tokens × vocab) logits.
+
+The plain loss `F.cross_entropy(hidden @ weight.T, targets)` keeps (N, V) logits, an fp32 copy
+for the softmax and an (N, V) gradient alive at once: for 8,192 tokens and Llama-3's 128,256-word
+vocabulary that is gigabytes, for a loss that is one number. Here:
+
+1. only supervised rows (`targets != ignore_index`) reach the matmul (`index_select`);
+2. they are processed in chunks of `chunk_size` tokens, so at most (chunk, V) logits exist;
+3. the gradients w.r.t. hidden, weight and bias are computed *in the forward*, chunk by chunk,
+   so nothing but those gradients is kept for the backward, which only scales them by
+   `grad_output` (the scalar `d loss_total / d loss`);
+4. the softmax, log-sum-exp and loss are accumulated in fp32 whatever the input dtype.
+
+`impl="reference"` is the textbook version the tests compare against.
+
+Worked example (vocab 3, no bias): hidden (2, 1) = [[1.], [2.]], weight (3, 1) = [[0.], [1.], [-1.]],
+targets = [1, -100]. Only row 0 is supervised; its logits are [0, 1, -1], so
+loss = logsumexp([0, 1, -1]) - 1 = 0.4076 and num_correct = 1 (argmax 1 == target 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "default_chunk_size"]
+
+_REDUCTIONS = ("sum", "mean", "none")
+_IMPLS = ("auto", "chunked", "reference", "triton")
+
+# Budget for one chunk's fp32 logits. Several tensors of this size live at once inside a chunk
+# (the input-dtype logits, the fp32 softmax/grad, its input-dtype copy for the two matmuls), so the
+# working set is about 2.5× this. 64 MB keeps that under ~200 MB, a small fraction of what the
+# plain loss needs, while chunks stay large enough (≥ 128 tokens at V = 128k) for the matmuls to
+# run near peak: on the 2-core bench machine, chunks of 128, 256 and 512 tokens were within a few
+# percent of each other (bench/RESULTS.md, "Loss alone").
+_CHUNK_LOGITS_BYTES = 64 * 2**20
+_MIN_CHUNK, _MAX_CHUNK = 16, 4096
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits take about 64 MB.
+
+    >>> default_chunk_size(128_256), default_chunk_size(32_000), default_chunk_size(512)
+    (130, 524, 4096)
+    """
+    tokens = _CHUNK_LOGITS_BYTES // (4 * max(vocab_size, 1))
+    return int(min(max(tokens, _MIN_CHUNK), _MAX_CHUNK))
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    dft: bool = False,
+    reduction: str = "sum",
+    impl: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, without the full logits.
+
+    Args:
+        hidden: (..., H) final hidden states (e.g. (B, T, H) or (N, H)).
+        weight: (V, H) LM head weight. When it does not require grad (LoRA with a frozen head) its
+            gradient is not computed at all.
+        targets: (...) int64, **already shifted** (pass `batch["shift_labels"]`); `ignore_index`
+            marks positions that are not trained.
+        bias: optional (V,) LM head bias.
+        softcap: Gemma-2 style logit soft-capping, `softcap * tanh(logits / softcap)`, applied before
+            the softmax; the gradient goes through it.
+        dft: Dynamic Fine-Tuning (TRL's `loss_type="dft"`): each token's loss is multiplied by the
+            detached probability the model gives its target.
+        reduction: "sum" (default: the trainer divides by the supervised tokens of the whole
+            optimizer step), "mean" (over supervised tokens; 0 when there are none) or "none"
+            (fp32 tensor shaped like `targets`, 0 at ignored positions).
+        impl: "chunked" (PyTorch, CPU and CUDA), "reference" (full logits + F.cross_entropy, for
+            tests), "auto" (= chunked). "triton" is not implemented yet and raises.
+        chunk_size: tokens per chunk; default `default_chunk_size(V)` (~64 MB of fp32 logits).
+
+    Returns:
+        (loss, num_correct): loss is fp32 (a scalar, or shaped like `targets` for "none");
+        num_correct is a detached int64 scalar, the number of supervised positions whose argmax
+        logit is the target.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction={reduction!r} is not one of {_REDUCTIONS}")
+    if impl not in _IMPLS:
+        raise ValueError(f"linear_cross_entropy: impl={impl!r} is not one of {_IMPLS}")
+    if impl == "triton":
+        raise NotImplementedError(
+            "linear_cross_entropy: impl='triton' is not implemented yet; use impl='chunked' (CPU and CUDA)"
+        )
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"linear_cross_entropy: hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: "
+            "hidden must be targets.shape + (H,). Did you pass unshifted labels of another length?"
+        )
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"linear_cross_entropy: weight {tuple(weight.shape)} must be (V, H) with H = {hidden.shape[-1]}"
+        )
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"linear_cross_entropy: softcap must be positive or None, got {softcap}")
+    if impl == "reference":
+        return linear_cross_entropy_reference(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            ignore_index=ignore_index,
+            softcap=softcap,
+            dft=dft,
+            reduction=reduction,
+        )
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be ≥ 1, got {chunk_size}")
+
+    h2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    flat_targets = targets.reshape(-1)  # (N,)
+    if reduction == "none":
+        loss, correct = _RecomputeInBackward.apply(
+            h2d, weight, bias, flat_targets, ignore_index, softcap, dft, chunk_size
+        )
+        return loss.view(targets.shape), correct
+    return _GradInForward.apply(
+        h2d, weight, bias, flat_targets, ignore_index, softcap, dft, reduction == "mean", chunk_size
+    )
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    dft: bool = False,
+    reduction: str = "sum",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain computation: full (N, V) logits in the input dtype, then fp32 cross-entropy."""
+    logits = F.linear(hidden, weight, bias).float()  # (..., V)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    mask = targets != ignore_index
+    per_token = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index, reduction="none"
+    ).view(targets.shape)
+    if dft:
+        per_token = per_token * torch.exp(-per_token).detach()
+    num_correct = ((logits.argmax(-1) == targets) & mask).sum().detach()
+    if reduction == "none":
+        return per_token, num_correct
+    total = per_token.sum()
+    if reduction == "mean":
+        total = total / mask.sum().clamp(min=1)
+    return total, num_correct
+
+
+def _chunk_loss_and_grad(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    t: torch.Tensor,
+    softcap: float | None,
+    dft: bool,
+    want_grad: bool,
+    row_scale: torch.Tensor | float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk: per-token fp32 loss (c,), argmax hits (scalar), and d(sum of scaled loss)/d logits.
+
+    h (c, H) and weight (V, H) in the compute dtype; t (c,). The logits matmul runs in the input
+    dtype (bf16 matmuls are ~3× faster than fp32 on CPU and are what the plain loss does too) and
+    is upcast once; everything after it is fp32. The returned gradient (c, V) is fp32, already
+    multiplied by `row_scale` (a float, or a (c,) tensor).
+    """
+    logits = F.linear(h, weight, bias)  # (c, V), input dtype
+    z = logits.float()  # (c, V) fp32; the same tensor when the input is fp32
+    del logits
+    correct = (z.argmax(dim=-1) == t).sum()
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(z.div_(softcap))  # (c, V); d(softcap·tanh(x/softcap))/dx = 1 - tanh²
+        z = tanh * softcap
+    lse = torch.logsumexp(z, dim=-1)  # (c,)
+    rows = torch.arange(t.shape[0], device=t.device)
+    loss = lse - z[rows, t]  # (c,) = -log p(target)
+    if dft:
+        prob = torch.exp(-loss)  # p(target), detached by construction (no autograd in here)
+        loss = loss * prob
+    if not want_grad:
+        return loss, correct, None
+    # softmax - one_hot, in place on z: (c, V)
+    grad = z.sub_(lse[:, None]).exp_()
+    grad[rows, t] -= 1.0
+    scale = prob if dft else None
+    if row_scale is not None:
+        scale = row_scale if scale is None else scale * row_scale
+    if isinstance(scale, torch.Tensor):
+        grad.mul_(scale[:, None])
+    elif scale is not None and scale != 1.0:
+        grad.mul_(scale)
+    if tanh is not None:
+        grad.mul_(1.0 - tanh * tanh)
+    return loss, correct, grad
+
+
+def _supervised(
+    h2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+):
+    """Supervised rows only, everything in the hidden dtype: (idx (n,), h (n, H), t (n,), weight, bias)."""
+    idx = (targets != ignore_index).nonzero().squeeze(1)  # (n,)
+    h = h2d.index_select(0, idx)  # (n, H) copy: ignored rows never reach the matmul
+    t = targets.index_select(0, idx)
+    return (idx, h, t, *_in_dtype(weight, bias, h.dtype))
+
+
+def _in_dtype(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    """Mixed dtypes (e.g. an fp32 head under bf16 activations) compute in the activation dtype."""
+    w = weight if weight.dtype == dtype else weight.to(dtype)
+    b = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+    return w, b
+
+
+class _GradInForward(torch.autograd.Function):
+    """reduction "sum"/"mean": gradients are finished in the forward; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, h2d, weight, bias, targets, ignore_index, softcap, dft, mean, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        want_grad = need_h or need_w or need_b
+        idx, h, t, w, b = _supervised(h2d, weight, bias, targets, ignore_index)
+        n, dtype = t.shape[0], h.dtype
+        scale = 1.0 / n if (mean and n > 0) else 1.0
+
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        correct = torch.zeros((), dtype=torch.long, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None  # (n, H): each row written once
+        # (V, H) accumulated over chunks. In fp32 for 16-bit weights: a bf16 running sum would round
+        # once per chunk (dozens of times at V = 128k); the matmul of each chunk still runs in bf16.
+        acc_dtype = torch.float32 if need_w and weight.dtype != torch.float32 else weight.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
+
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            h_c, t_c = h[start:stop], t[start:stop]
+            loss_c, correct_c, g = _chunk_loss_and_grad(h_c, w, b, t_c, softcap, dft, want_grad, scale)
+            loss += loss_c.sum()
+            correct += correct_c
+            if not want_grad:
+                continue
+            if grad_b is not None:
+                grad_b += g.sum(0)
+            g = g.to(dtype)  # (c, V) in the matmul dtype
+            if grad_h is not None:
+                torch.mm(g, w, out=grad_h[start:stop])  # (c, V) @ (V, H)
+            if grad_w is not None:
+                if acc_dtype == dtype:
+                    grad_w.addmm_(g.t(), h_c)  # (V, c) @ (c, H)
+                else:
+                    grad_w += torch.mm(g.t(), h_c)
+        if mean and n > 0:
+            loss = loss / n
+
+        ctx.n_rows = h2d.shape[0]
+        ctx.mark_non_differentiable(correct)
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        ctx.save_for_backward(idx, grad_h, grad_w, grad_b)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        idx, grad_h, grad_w, grad_b = ctx.saved_tensors
+        # grad_loss is a scalar; skipping the multiply when it is 1 (the usual case) saves a pass
+        # over the (V, H) gradient.
+        unit = bool(grad_loss == 1.0)
+        grad_hidden = None
+        if grad_h is not None:
+            grad_hidden = grad_h.new_zeros((ctx.n_rows, grad_h.shape[1]))  # ignored rows get 0
+            grad_hidden.index_copy_(0, idx, grad_h if unit else grad_h * grad_loss.to(grad_h.dtype))
+        if grad_w is not None and not unit:
+            grad_w = grad_w * grad_loss.to(grad_w.dtype)
+        if grad_b is not None and not unit:
+            grad_b = grad_b * grad_loss.to(grad_b.dtype)
+        return grad_hidden, grad_w, grad_b, None, None, None, None, None, None
+
+
+class _RecomputeInBackward(torch.autograd.Function):
+    """reduction "none": each token has its own grad_output, so the weight gradient cannot be
+    finished in the forward. Keep only the supervised rows (n, H) and recompute each chunk's
+    logits in the backward (one extra matmul per chunk)."""
+
+    @staticmethod
+    def forward(ctx, h2d, weight, bias, targets, ignore_index, softcap, dft, chunk_size):
+        idx, h, t, w, b = _supervised(h2d, weight, bias, targets, ignore_index)
+        per_token = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)  # (N,)
+        correct = torch.zeros((), dtype=torch.long, device=h.device)
+        for start in range(0, t.shape[0], chunk_size):
+            stop = min(start + chunk_size, t.shape[0])
+            loss_c, correct_c, _ = _chunk_loss_and_grad(
+                h[start:stop], w, b, t[start:stop], softcap, dft, False, None
+            )
+            per_token[idx[start:stop]] = loss_c
+            correct += correct_c
+        ctx.mark_non_differentiable(correct)
+        ctx.args = (
+            softcap,
+            dft,
+            chunk_size,
+            h2d.shape[0],
+            weight.dtype,
+            None if bias is None else bias.dtype,
+        )
+        ctx.save_for_backward(idx, h, t, weight, bias)
+        return per_token, correct
+
+    @staticmethod
+    def backward(ctx, grad_per_token, _grad_correct):
+        softcap, dft, chunk_size, n_rows, w_dtype, b_dtype = ctx.args
+        idx, h, t, weight, bias = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        w, b = _in_dtype(weight, bias, h.dtype)
+        dtype = h.dtype
+        g_rows = grad_per_token.index_select(0, idx).float()  # (n,)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
+        for start in range(0, t.shape[0], chunk_size):
+            stop = min(start + chunk_size, t.shape[0])
+            h_c = h[start:stop]
+            _, _, g = _chunk_loss_and_grad(h_c, w, b, t[start:stop], softcap, dft, True, g_rows[start:stop])
+            if grad_b is not None:
+                grad_b += g.sum(0)
+            g = g.to(dtype)
+            if grad_h is not None:
+                torch.mm(g, w, out=grad_h[start:stop])
+            if grad_w is not None:
+                grad_w += torch.mm(g.t(), h_c).float()
+        grad_hidden = None
+        if grad_h is not None:
+            grad_hidden = grad_h.new_zeros((n_rows, h.shape[1]))
+            grad_hidden.index_copy_(0, idx, grad_h)
+        grad_w = None if grad_w is None else grad_w.to(w_dtype)
+        grad_b = None if grad_b is None else grad_b.to(b_dtype)
+        return grad_hidden, grad_w, grad_b, None, None, None, None, None

@@ -1,0 +1,189 @@
+"""linear_cross_entropy (chunked, gradients computed in the forward) against the reference
+(full logits + F.cross_entropy), forward and backward, on odd shapes.
+
+Tolerances: fp32 compares to 1e-5 relative to the largest entry (the two differ only in the
+order of sums: chunking and where the scaling is applied). bf16 compares to 2e-2 relative to the
+largest entry: both compute the logits with the same bf16 matmul, but the reference's gradient
+w.r.t. the logits is rounded to bf16 before its (N, V) × (V, H) matmul exactly as ours is, while
+the weight gradient is accumulated over chunks (ours, in fp32) or in one matmul (the
+reference), so single entries can differ by a few bf16 ulps (2^-8 = 0.4% each).
+"""
+
+import math
+
+import pytest
+import torch
+
+from tunesmith.ops.linear_cross_entropy import default_chunk_size, linear_cross_entropy
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def make(n=252, h=123, v=507, dtype=torch.float32, bias=True, ignore_every=3, seed=0, hit_every=4):
+    """hidden (n, h), weight (v, h), bias (v,), targets (n,) with every `ignore_every`-th position
+    ignored and the target of every `hit_every`-th supervised-or-not position set to its argmax."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / math.sqrt(h)).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(hidden, weight, b).float()
+    targets[::hit_every] = logits.argmax(-1)[::hit_every]
+    if ignore_every:
+        targets[1::ignore_every] = -100
+    return hidden, weight, b, targets
+
+
+def run(impl, hidden, weight, bias, targets, grad_out=None, **kw):
+    loss, correct = linear_cross_entropy(hidden, weight, targets, bias=bias, impl=impl, **kw)
+    inputs = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(loss, inputs, grad_out) if inputs else []
+    return loss, correct, grads
+
+
+def assert_close(a, b, dtype, what):
+    scale = b.abs().max().clamp(min=1e-6)
+    err = ((a.float() - b.float()).abs().max() / scale).item()
+    assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def expected_hits(hidden, weight, bias, targets):
+    """Count of supervised positions whose argmax is the target, from full logits in fp32."""
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    keep = targets != -100
+    return int((logits.argmax(-1)[keep] == targets[keep]).sum())
+
+
+CASES = [
+    dict(),
+    dict(softcap=2.5),
+    dict(dft=True),
+    dict(dft=True, softcap=2.5),
+    dict(reduction="mean"),
+    dict(reduction="none"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kw", CASES, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()) or "plain")
+@pytest.mark.parametrize("chunk_size", [37, 10_000])
+def test_matches_reference_forward_and_backward(dtype, kw, chunk_size):
+    hidden, weight, bias, targets = make(dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    # a non-unit grad_output, so the backward's scaling is exercised too
+    grad_out = torch.randn(targets.shape, generator=g) if kw.get("reduction") == "none" else torch.tensor(0.7)
+    ref = run("reference", hidden, weight, bias, targets, grad_out, **kw)
+    ours = run("chunked", hidden, weight, bias, targets, grad_out, chunk_size=chunk_size, **kw)
+    assert ours[0].dtype == torch.float32 and ours[0].shape == ref[0].shape
+    assert_close(ours[0], ref[0], dtype, "loss")
+    for name, a, b in zip(["grad hidden", "grad weight", "grad bias"], ours[2], ref[2]):
+        assert a.dtype == b.dtype == dtype
+        assert_close(a, b, dtype, name)
+    # 252 positions, every 3rd from index 1 ignored -> 168 supervised; every 4th has its argmax as
+    # target. Exact in fp32; in bf16 a chunked matmul may round a near-tie differently.
+    if dtype == torch.float32:
+        assert ours[1].item() == ref[1].item() == expected_hits(hidden, weight, bias, targets)
+    else:
+        assert abs(ours[1].item() - expected_hits(hidden, weight, bias, targets)) <= 1
+
+
+def test_ignored_positions_get_zero_gradient_and_zero_loss():
+    hidden, weight, bias, targets = make(n=40, h=16, v=50)
+    loss, _, (g_hidden, _, _) = run(
+        "chunked", hidden, weight, bias, targets, torch.ones(40), reduction="none", chunk_size=7
+    )
+    ignored = targets == -100
+    assert ignored.sum() == 13  # indices 1, 4, ..., 37
+    assert (loss[ignored] == 0).all() and (loss[~ignored] > 0).all()
+    assert (g_hidden[ignored] == 0).all() and (g_hidden[~ignored] != 0).any(dim=1).all()
+
+
+def test_frozen_weight_computes_no_weight_gradient():
+    hidden, weight, bias, targets = make(n=60, h=20, v=90, bias=False)
+    weight.requires_grad_(False)
+    ref = run("reference", hidden, weight, None, targets)
+    ours = run("chunked", hidden, weight, None, targets, chunk_size=16)
+    assert len(ours[2]) == 1  # only hidden
+    assert_close(ours[2][0], ref[2][0], torch.float32, "grad hidden")
+    loss, _ = linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    assert weight.grad is None and hidden.grad is not None
+
+
+def test_batched_hidden_bth():
+    hidden, weight, bias, targets = make(n=2 * 33, h=24, v=61)
+    hidden3 = hidden.detach().view(2, 33, 24).requires_grad_()
+    targets3 = targets.view(2, 33)
+    ref = run("reference", hidden3, weight, bias, targets3)
+    ours = run("chunked", hidden3, weight, bias, targets3, chunk_size=8)
+    assert ours[2][0].shape == (2, 33, 24)
+    for a, b in zip(ours[2], ref[2]):
+        assert_close(a, b, torch.float32, "grad")
+    assert_close(ours[0], ref[0], torch.float32, "loss")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_zero_supervised_tokens_gives_zero_loss_and_zero_grads(reduction):
+    hidden, weight, bias, targets = make(n=12, h=8, v=30)
+    targets[:] = -100
+    grad_out = torch.ones(12) if reduction == "none" else None
+    loss, correct, grads = run("chunked", hidden, weight, bias, targets, grad_out, reduction=reduction)
+    assert loss.abs().sum().item() == 0.0 and correct.item() == 0
+    for g in grads:
+        assert torch.isfinite(g).all() and (g == 0).all()
+
+
+def test_worked_example_from_the_docstring():
+    hidden = torch.tensor([[1.0], [2.0]])
+    weight = torch.tensor([[0.0], [1.0], [-1.0]])
+    loss, correct = linear_cross_entropy(hidden, weight, torch.tensor([1, -100]))
+    assert loss.item() == pytest.approx(math.log(1 + math.e + math.exp(-1)) - 1)  # 0.4076
+    assert correct.item() == 1
+
+
+def test_dft_weights_each_token_by_its_detached_target_probability():
+    # One token, logits [0, log 3] (softmax [0.25, 0.75]), target 1: CE = -log 0.75, DFT loss =
+    # 0.75 * -log 0.75; gradient w.r.t. the logits = 0.75 * (softmax - onehot) = 0.75 * [0.25, -0.25].
+    hidden = torch.tensor([[1.0]], requires_grad=True)
+    weight = torch.tensor([[0.0], [math.log(3.0)]], requires_grad=True)
+    loss, _ = linear_cross_entropy(hidden, weight, torch.tensor([1]), dft=True)
+    assert loss.item() == pytest.approx(-0.75 * math.log(0.75))
+    loss.backward()
+    assert weight.grad.flatten().tolist() == pytest.approx([0.75 * 0.25, -0.75 * 0.25])
+
+
+def test_softcap_bounds_the_logits():
+    # A logit of 100 capped at 5 becomes 5 * tanh(20) ~ 5: loss vs a 0 logit = log(1 + e^5) - 0.
+    hidden = torch.tensor([[1.0]])
+    weight = torch.tensor([[0.0], [100.0]])
+    loss, _ = linear_cross_entropy(hidden, weight, torch.tensor([0]), softcap=5.0)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(5 * math.tanh(20.0))), rel=1e-6)
+
+
+def test_mixed_dtypes_compute_in_the_hidden_dtype():
+    # fp32 head under bf16 activations: the gradient comes back in each input's own dtype.
+    hidden, weight, bias, targets = make(n=30, h=16, v=40, dtype=torch.bfloat16, bias=False)
+    weight32 = weight.detach().float().requires_grad_()
+    loss, _, (gh, gw) = run("chunked", hidden, weight32, None, targets, chunk_size=8)
+    ref = run("reference", hidden, weight, None, targets)
+    assert (gh.dtype, gw.dtype) == (torch.bfloat16, torch.float32)
+    assert_close(loss, ref[0], torch.bfloat16, "loss")
+    assert_close(gw, ref[2][1], torch.bfloat16, "grad weight")
+
+
+def test_default_chunk_size_keeps_fp32_logits_near_64_mb():
+    assert default_chunk_size(128_256) == 130  # 130 * 128,256 * 4 B = 63.6 MiB
+    assert default_chunk_size(32_000) == 524
+    assert default_chunk_size(100) == 4096  # capped
+
+
+def test_bad_arguments_are_explained():
+    hidden, weight, bias, targets = make(n=8, h=4, v=10)
+    with pytest.raises(ValueError, match="reduction='avg' is not one of"):
+        linear_cross_entropy(hidden, weight, targets, reduction="avg")
+    with pytest.raises(ValueError, match="disagree"):
+        linear_cross_entropy(hidden, weight, targets[:-1])
+    with pytest.raises(NotImplementedError, match="impl='chunked'"):
+        linear_cross_entropy(hidden, weight, targets, impl="triton")
