@@ -31,7 +31,6 @@ def args(out, **overrides):
         report_to="none",
         dataset_cache_dir=False,
         memory_policy="none",
-        use_kernels=False,  # TEMP until ops.apply lands
         seed=7,
     )
     values.update(overrides)

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     args = SFTConfig(
         output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=2, max_steps=4,
         logging_steps=1, learning_rate=3e-3, max_grad_norm=0.0, report_to="none", save_strategy="no",
-        dataset_cache_dir=False, memory_policy="none", use_kernels=False, seed=3,
+        dataset_cache_dir=False, memory_policy="none", seed=3,
     )
     torch.manual_seed(0)
     trainer = SFTTrainer(tiny_model("llama", initializer_range=0.5), args=args, train_dataset=data,

@@ -31,7 +31,6 @@ def config(tmp_path, **overrides) -> SFTConfig:
         save_strategy="no",
         dataset_cache_dir=False,
         memory_policy="none",
-        use_kernels=False,  # TEMP until ops.apply lands
     )
     values.update(overrides)
     return SFTConfig(**values)

@@ -70,7 +70,7 @@ def one_step(tmp_path, accumulation, batch, **overrides):
         save_strategy="no",
         dataset_cache_dir=False,
         memory_policy="none",
-        **{"use_kernels": False, **overrides},  # TEMP until ops.apply lands
+        **overrides,
     )
     trainer = SFTTrainer(
         model=tiny_model(**MODEL),

@@ -497,7 +497,9 @@ def _prepare_model(model, args: SFTConfig, peft_config):
         if policy != "none":
             from tunesmith.ops.offload import apply_memory_policy
 
-            apply_memory_policy(model, policy)
+            # upper bound of the tokens in one micro-batch, for the "auto" memory estimate
+            batch_tokens = args.per_device_train_batch_size * (args.max_length or 2048)
+            apply_memory_policy(model, policy, batch_tokens=batch_tokens, device=args.device)
     return model
 
 
