@@ -175,3 +175,17 @@ def test_formatting_func_returning_several_strings_per_example_is_an_error():
         DataError, match="example 7: formatting_func must return one string per example, got list of 2"
     ):
         normalize_example({"q": "hi"}, "formatting_func", formatting_func=lambda ex: ["a", "b"], index=7)
+
+
+def test_docstring_examples_of_the_data_modules_hold():
+    # The worked examples in the docstrings are run, so they cannot drift from the code.
+    import doctest
+
+    from tunesmith.data import formats, sources, templates, tokenize
+
+    from . import word_tokenizer
+
+    for module in (formats, sources, templates, tokenize):
+        result = doctest.testmod(module, extraglobs={"word_tokenizer": word_tokenizer}, verbose=False)
+        assert result.failed == 0, f"{module.__name__}: {result.failed} docstring example(s) failed"
+        assert result.attempted > 0

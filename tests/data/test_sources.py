@@ -127,3 +127,19 @@ def test_describe_source(tmp_path):
     )
     assert describe_source("trl-lib/Capybara") == "trl-lib/Capybara"
     assert sources.FILE_BUILDERS[".jsonl"] == "json"
+
+
+def test_builder_name_with_data_files_checks_the_files(tmp_path, cache):
+    # load_dataset("json", data_files=...) style, as TRL examples write it.
+    good = write(tmp_path / "good.jsonl", "\n".join(json.dumps(r) for r in ROWS))
+    assert load_source("json", data_files=str(good), cache_dir=cache).to_list() == ROWS
+    bad = write(tmp_path / "bad.jsonl", '{"prompt": "a", "completion": "b"}\n{oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        load_source("json", data_files={"train": [str(bad)]}, cache_dir=cache)
+
+
+def test_hidden_folders_are_skipped(tmp_path, cache):
+    write(tmp_path / "a.jsonl", json.dumps(ROWS[0]))
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    write(tmp_path / ".ipynb_checkpoints" / "a.jsonl", json.dumps(ROWS[0]))
+    assert load_source(tmp_path, cache_dir=cache).to_list() == ROWS[:1]

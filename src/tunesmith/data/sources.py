@@ -194,7 +194,14 @@ def _load_path(path: Path, *, split, streaming, **load_kwargs):
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_BUILDERS)
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in FILE_BUILDERS
+            # hidden folders (.cache, .ipynb_checkpoints) hold copies, not training data
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
             raise DataError(
                 f"{path}/: the folder holds no data files; expected files ending in {', '.join(FILE_BUILDERS)}"
@@ -349,6 +356,14 @@ def _validate_json(path: Path, text: str) -> str | dict | None:
 def _load_hub(name: str, *, split, streaming, data_files, **load_kwargs):
     import datasets
 
+    if name in set(FILE_BUILDERS.values()) and data_files is not None:
+        # load_dataset("json", data_files=...) as in the TRL examples: check the files first
+        # so a bad line is reported as file:line, as for a path source.
+        groups = data_files.values() if isinstance(data_files, dict) else [data_files]
+        for group in groups:
+            for file in [group] if isinstance(group, (str, os.PathLike)) else group:
+                if Path(file).is_file():
+                    _validate_file(Path(file))
     try:
         ds = datasets.load_dataset(
             name, split=split or "train", streaming=streaming, data_files=data_files, **load_kwargs

@@ -12,6 +12,7 @@ The span runs from the first character the model would generate to the end-of-tu
 that stops generation (trailing whitespace after it is template glue, not trained). The
 character span is mapped to tokens with the tokenizer's offset mapping.
 
+    >>> tok = word_tokenizer()  # the word-level tokenizer of tests/data
     >>> ids, mask = render_messages(tok, [{"role": "user", "content": "hi"},
     ...                                   {"role": "assistant", "content": "hello"}], chat_template="chatml")
     >>> [t for t, m in zip(tok.convert_ids_to_tokens(ids), mask) if m]
@@ -181,7 +182,7 @@ def resolve_chat_template(tokenizer, *, chat_template=None, chat_template_path=N
     `"gemma"`, `"phi-3"`, `"alpaca"`) or a jinja string; `chat_template_path` is a `.jinja`
     file, a `tokenizer_config.json`, or a folder holding either. Otherwise the tokenizer's own.
 
-        >>> resolve_chat_template(tok, chat_template="chatml") == BUILTIN_TEMPLATES["chatml"]
+        >>> resolve_chat_template(word_tokenizer(), chat_template="chatml") == BUILTIN_TEMPLATES["chatml"]
         True
     """
     if chat_template is not None and chat_template_path is not None:

@@ -50,8 +50,9 @@ def tokenize_example(
 ) -> dict:
     """Tokenize and label one normalised example (see the module docstring for what is trained).
 
-        >>> tokenize_example({"prompt": "2 + 2 =", "completion": "4"}, tok)
-        {'input_ids': [1, 5, 6, 5, 7, 8, 2], 'labels': [-100, -100, -100, -100, -100, 8, 2]}
+        >>> tok = word_tokenizer()  # tests/data: <s>=1 </s>=2 "2"=30 "+"=31 "="=32 "4"=33, adds BOS
+        >>> tokenize_example({"prompt": "2 + 2 =", "completion": " 4"}, tok)
+        {'input_ids': [1, 30, 31, 30, 32, 33, 2], 'labels': [-100, -100, -100, -100, -100, 33, 2]}
 
     `chat_template` is a built-in name or a jinja string (None: the tokenizer's own);
     `eos_token` overrides the tokenizer's EOS for plain text and completions. No double BOS:
