@@ -82,8 +82,9 @@ CASES = [
     ("dataset_text_field not a column", columns("content", "id", dataset_text_field="contnet"),
      ["dataset_text_field='contnet' is not a column", "columns found: content, id", "Did you mean 'content'?"]),
     ("mixed formats", columns("messages", "prompt", "completion"),
-     ["more than one format", "messages, prompt_completion", "columns found: messages, prompt, completion"]),
-    ("unknown format override", columns("text", override="chat"), ["format 'chat' is not known", "messages"]),
+     ["more than one format", "messages, prompt_completion", "columns found: messages, prompt, completion",
+      "`dataset_format: messages`"]),
+    ("unknown format override", columns("text", override="chat"), ["dataset_format='chat' is not a known dataset format", "messages"]),
     ("override without its columns", columns("text", override="alpaca"),
      ["'alpaca' needs column(s) 'instruction', 'output'", "columns found: text"]),
     # --- wrong types and empty strings

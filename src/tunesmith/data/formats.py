@@ -120,7 +120,9 @@ def detect_format(
         if override not in FORMAT_COLUMNS:
             close = difflib.get_close_matches(str(override), FORMATS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise DataError(f"dataset format {override!r} is not known; formats: {', '.join(FORMATS)}.{hint}")
+            raise DataError(
+                f"dataset_format={override!r} is not a known dataset format; formats: {', '.join(FORMATS)}.{hint}"
+            )
         if override == "formatting_func" and formatting_func is None:
             raise DataError("dataset format 'formatting_func' needs a formatting_func")
         needed = (text_field,) if override == "text" else FORMAT_COLUMNS[override]
@@ -170,7 +172,7 @@ def detect_format(
     if len(matches) > 1:
         raise DataError(
             f"the columns fit more than one format ({', '.join(matches)}); columns found: {', '.join(columns)}. "
-            "Remove the extra columns or choose one with the dataset format setting."
+            f"Remove the extra columns or choose one with `dataset_format: {matches[0]}` in the config."
         )
     if matches:
         return matches[0]
