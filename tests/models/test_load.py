@@ -3,6 +3,7 @@
 import json
 import logging
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -333,3 +334,29 @@ def test_a_gguf_file_is_converted_once_per_content(tmp_path, monkeypatch):
     export_gguf(tmp_path / "src", tmp_path / "tiny.gguf", type="bf16")
     load_model(gguf_file, dtype="fp32")
     assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
+
+
+def test_an_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
+    import transformers
+
+    from tunesmith.export import export_gguf
+
+    _bpe_llama_folder(tmp_path / "src")
+    gguf_file = export_gguf(tmp_path / "src", tmp_path / "tiny.gguf", type="f16")
+    cache = tmp_path / "cache"
+
+    def save_half_then_fail(self, folder, *args, **kwargs):
+        (Path(folder) / "config.json").write_text("{}")  # what a crash mid-write leaves behind
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.PreTrainedModel, "save_pretrained", save_half_then_fail)
+        with pytest.raises(OSError, match="No space left"):
+            load.gguf_cache_path(gguf_file, cache_dir=cache)
+    # neither a half folder under the final name nor the temporary one is left
+    assert list((cache / "models").iterdir()) == []
+    # so the next call converts from scratch and succeeds
+    folder = load.gguf_cache_path(gguf_file, cache_dir=cache)
+    assert (folder / "model.safetensors").is_file() and [p.name for p in (cache / "models").iterdir()] == [
+        folder.name
+    ]
