@@ -172,3 +172,33 @@ def test_resolve_chat_template(tmp_path):
         resolve_chat_template(tok, chat_template="llama3")
     with pytest.raises(DataError, match="not both"):
         resolve_chat_template(tok, chat_template="chatml", chat_template_path=tmp_path / "t.jinja")
+
+
+def test_turn_that_changes_when_later_turns_follow_is_found_by_its_text():
+    # Qwen3-style: an empty <think></think> block is written only in assistant turns after the
+    # last user message, so "hello" renders with it while last and without it once "Thanks!"
+    # follows. That turn is found by its text; the last turn keeps its think block, which the
+    # model does generate after the generation prompt.
+    qwen3_like = (
+        "{%- set ns = namespace(last_user=-1) -%}"
+        "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        "{%- if m['role'] == 'assistant' and loop.index0 > ns.last_user -%}{{ '<think>\\n\\n</think>\\n\\n' }}"
+        "{%- endif -%}{{ m['content'] + '<|im_end|>\\n' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+    messages = [
+        {"role": "user", "content": "hello"},  # the user says what the assistant will say: not matched
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "Welcome!"},
+    ]
+    tok = word_tokenizer(extra_words=["<think>", "</think>"])
+    ids, mask = render_messages(tok, messages, chat_template=qwen3_like)
+    assert [tok.convert_ids_to_tokens(r) for r in runs(ids, mask)] == [
+        ["hello", "<|im_end|>"],
+        ["<think>", "</think>", "Welcome!", "<|im_end|>"],
+    ]
+    # and the first "hello" (the user's) is not trained: tokens 0-3 are <|im_start|> user hello <|im_end|>
+    assert mask[:4] == [0, 0, 0, 0]

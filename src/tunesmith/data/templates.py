@@ -295,12 +295,14 @@ def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_
         throughs = throughs[:-1] + render([messages], True)
     text = throughs.pop()
     spans = _assistant_spans(turns, befores, throughs, text)
+    if None in spans and "generation %}" in template:
+        return _marked_turns(tokenizer, messages, tools, template, add_generation_prompt)
+    if None in spans:
+        spans = _search_spans(messages, turns, throughs, text, spans)
     if spans is None:
-        if "generation %}" in template:
-            return _marked_turns(tokenizer, messages, tools, template, add_generation_prompt)
         raise DataError(
             "cannot find the assistant turns: the chat template renders earlier turns differently once later "
-            "turns are added (some templates drop earlier reasoning, for example). Train on everything with "
+            "turns are added, and not as the message's own text. Train on everything with "
             "train_on_inputs / assistant_only_loss=False, use a template with {% generation %} markers, or "
             f"{NO_TEMPLATE_FIX}"
         )
@@ -308,21 +310,58 @@ def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_
     return _tokenize_spans(tokenizer, text, spans)
 
 
-def _assistant_spans(turns, befores, throughs, text: str) -> list[tuple[int, int, int]] | None:
-    """Character spans (start, end, message index) of the assistant turns in `text`, or None
-    when the template is not prefix-stable (an earlier turn renders differently with later turns).
+def _assistant_spans(turns, befores, throughs, text: str) -> list[tuple[int, int, int] | None]:
+    """Character spans (start, end, message index) of the assistant turns in `text`; None for
+    a turn the template renders differently once later turns follow (not prefix-stable).
 
     `befores[k]` is the rendering of the messages before assistant turn `turns[k]` with the
     generation prompt; `throughs[k]` the rendering up to and including that turn."""
     spans = []
     for i, before, through in zip(turns, befores, throughs):
-        if not (text.startswith(through) and through.startswith(before)):
-            return None
         end = len(through.rstrip())
-        if end <= len(before):
-            return None
-        spans.append((len(before), end, i))
+        stable = text.startswith(through) and through.startswith(before) and end > len(before)
+        spans.append((len(before), end, i) if stable else None)
     return spans
+
+
+def _search_spans(messages, turns, throughs, text: str, spans) -> list[tuple[int, int, int]] | None:
+    """Fill the turns `_assistant_spans` could not place by finding the message's own text.
+
+    Some templates change an earlier assistant turn once later turns follow (Qwen3 drops the
+    empty `<think></think>` block from turns before the last user message). Such a turn is
+    found by walking the messages in order and finding each one's content in `text`; its
+    span is the content plus the closing text that the template writes after it when the
+    turn is rendered last (e.g. `<|im_end|>`). Returns None when a turn cannot be found.
+    """
+    by_turn = {i: (span, through) for i, span, through in zip(turns, spans, throughs)}
+    out, cursor = [], 0
+    for i, msg in enumerate(messages):
+        content = msg.get("content") or ""
+        if i in by_turn and by_turn[i][0] is not None:
+            out.append(by_turn[i][0])
+            cursor = max(cursor, by_turn[i][0][1])
+            continue
+        if not content.strip():
+            if i in by_turn:
+                return None  # an empty assistant turn (tool calls only) has nothing to search for
+            continue
+        start = text.find(content.strip(), cursor)
+        if i not in by_turn:
+            # other turns only move the cursor past their text (so an assistant reply that a
+            # user quoted is not matched in the user's turn); a template may not show them as is
+            cursor = start + len(content.strip()) if start >= 0 else cursor
+            continue
+        if start < 0:
+            return None
+        cursor = start + len(content.strip())
+        closing_from = by_turn[i][1].rstrip()
+        at = closing_from.rfind(content.strip())
+        closing = closing_from[at + len(content.strip()) :] if at >= 0 else ""
+        if at < 0 or not text.startswith(closing, cursor):
+            return None
+        cursor += len(closing)
+        out.append((start, cursor, i))
+    return out
 
 
 def _warn_if_no_stop_token(tokenizer, text: str, spans) -> None:
