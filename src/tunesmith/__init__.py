@@ -15,6 +15,8 @@ _EXPORTS = {
     "UnslothTrainingArguments": "tunesmith.config",
     "UnslothTrainer": "tunesmith.trainer",
     "FastLanguageModel": "tunesmith.models.fast",
+    "FastModel": "tunesmith.models.fast",
+    "is_bfloat16_supported": "tunesmith.models.fast",
     "prepare_dataset": "tunesmith.data.pipeline",
     "load_model": "tunesmith.models.load",
     "load_tokenizer": "tunesmith.models.load",
