@@ -24,11 +24,12 @@ WORDS = [
 VOCAB = {w: i for i, w in enumerate(SPECIALS + WORDS)}
 
 
-def word_tokenizer(*, add_bos=True, chat_template=None, extra_words=()):
+def word_tokenizer(*, add_bos=True, chat_template=None, extra_words=(), chat_specials=True):
     """A whitespace word-level tokenizer: id = position in SPECIALS + WORDS (+ extra_words).
 
     `add_bos=True` makes `tokenizer(text)` put `<s>` in front, as Llama's does; eos = `</s>`,
-    pad = `<pad>`. Special tokens are split out even without spaces around them.
+    pad = `<pad>`. Special tokens are split out even without spaces around them;
+    `chat_specials=False` leaves out the chat markers (a base model's tokenizer).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -45,7 +46,7 @@ def word_tokenizer(*, add_bos=True, chat_template=None, extra_words=()):
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="[UNK]",
-        additional_special_tokens=SPECIALS[4:],
+        additional_special_tokens=SPECIALS[4:] if chat_specials else [],
     )
     tok.chat_template = chat_template
     return tok

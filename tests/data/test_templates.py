@@ -150,6 +150,9 @@ def test_slow_tokenizer_path_gives_the_same_ids_and_mask():
 
 def test_warns_when_a_turn_ends_without_a_special_token(caplog):
     plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    from tunesmith.data import templates
+
+    templates._WARNED_ENDINGS.clear()  # the warning is given once per process
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     with caplog.at_level("WARNING", logger="tunesmith.data.templates"):
         render_messages(word_tokenizer(), messages, chat_template=plain)
@@ -202,3 +205,19 @@ def test_turn_that_changes_when_later_turns_follow_is_found_by_its_text():
     ]
     # and the first "hello" (the user's) is not trained: tokens 0-3 are <|im_start|> user hello <|im_end|>
     assert mask[:4] == [0, 0, 0, 0]
+
+
+def test_base_tokenizer_with_chatml_warns_once_and_reports_missing_tokens(caplog):
+    # Without <|im_end|> as a token the turn ends in plain word pieces: the model would not
+    # learn a stop token. One warning for the whole dataset, and the trainer's fix is named.
+    from tunesmith.data import templates
+
+    tok = word_tokenizer(chat_specials=False)
+    assert templates.missing_template_tokens(tok, "chatml") == ["<|im_start|>", "<|im_end|>"]
+    assert templates.missing_template_tokens(word_tokenizer(), "chatml") == []
+    templates._WARNED_ENDINGS.clear()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with caplog.at_level("WARNING", logger="tunesmith.data.templates"):
+        for _ in range(3):
+            render_messages(tok, messages, chat_template="chatml")
+    assert caplog.text.count("may not learn to stop") == 1

@@ -168,6 +168,16 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     "alpaca": _ALPACA,
 }
 
+# The tokens each built-in template needs as single tokens (turn markers and end-of-turn).
+BUILTIN_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama-3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "mistral-instruct": (),  # [INST] ... [/INST] is plain text in Mistral's own v0.1 vocabulary; </s> ends turns
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "phi-3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+    "alpaca": (),
+}
+
 NO_TEMPLATE_FIX = (
     "set `chat_template: chatml` (or another built-in: "
     + ", ".join(BUILTIN_TEMPLATES)
@@ -368,12 +378,39 @@ def _warn_if_no_stop_token(tokenizer, text: str, spans) -> None:
     stops = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
     for _, end, _ in spans:
         if not any(text.endswith(stop, 0, end) for stop in stops):
-            logger.warning(
-                "the chat template ends an assistant turn with %r, not a special token: the model may not "
-                "learn to stop. A template that closes turns with the tokenizer's EOS fixes that.",
-                text[max(0, end - 20) : end],
-            )
+            ending = text[max(0, end - 20) : end]
+            if ending not in _WARNED_ENDINGS:  # once per ending, not once per example
+                _WARNED_ENDINGS.add(ending)
+                logger.warning(
+                    "the chat template ends an assistant turn with %r, not a special token: the model may not "
+                    "learn to stop. A template that closes turns with a special token (add it with "
+                    "missing_template_tokens) fixes that.",
+                    ending,
+                )
             return
+
+
+_WARNED_ENDINGS: set[str] = set()
+
+
+def missing_template_tokens(tokenizer, chat_template: str) -> list[str]:
+    """The markers of a built-in template that are not single special tokens of `tokenizer`.
+
+    A base model given `chat_template: chatml` usually has no `<|im_start|>` / `<|im_end|>`
+    tokens: the text is then split into pieces like `<`, `|`, `im`, ... and the model never
+    sees one token that ends a turn. The trainer adds these as special tokens (and resizes the
+    embeddings) before training.
+
+        >>> missing_template_tokens(word_tokenizer(), "chatml")
+        []
+        >>> missing_template_tokens(word_tokenizer(chat_specials=False), "chatml")
+        ['<|im_start|>', '<|im_end|>']
+    """
+    markers = BUILTIN_SPECIAL_TOKENS.get(chat_template, ())
+    known = set(getattr(tokenizer, "all_special_tokens", [])) | set(
+        getattr(tokenizer, "get_added_vocab", dict)()
+    )
+    return [m for m in markers if m not in known]
 
 
 def _tokenize_spans(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
