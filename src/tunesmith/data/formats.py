@@ -180,7 +180,8 @@ def detect_format(
         return "text"
     raise DataError(
         f"cannot tell the dataset format from its columns; columns found: {', '.join(columns) or '(none)'}."
-        f"{_suggestions(columns)} Formats accepted: {_accepted()}."
+        f"{_suggestions(columns)} Formats accepted: {_accepted()}. For plain text in another column, "
+        "set dataset_text_field to its name."
     )
 
 
@@ -449,6 +450,10 @@ def _drop_nulls(value):
     return value
 
 
+def _a(word: str) -> str:
+    return "an" if word == "assistant" else "a"  # the roles: system, user, assistant, tool
+
+
 def check_roles(messages: list[dict], *, where: str = "example", field: str = "messages") -> None:
     """Check the turn order: an optional system message first, then user, then assistant
     (with tool results after an assistant turn), and so on, ending on an assistant turn.
@@ -470,8 +475,8 @@ def check_roles(messages: list[dict], *, where: str = "example", field: str = "m
         role = msg["role"]
         if role not in allowed[previous]:
             raise DataError(
-                f"{where}, {field}[{i}]: a {role!r} message cannot follow "
-                f"{'the start' if previous is None else 'a ' + repr(previous) + ' message'}; expected "
+                f"{where}, {field}[{i}]: {_a(role)} {role!r} message cannot follow "
+                f"{'the start' if previous is None else _a(previous) + ' ' + repr(previous) + ' message'}; expected "
                 f"{' or '.join(allowed[previous])}. Turns go: system (optional), user, assistant, user, ... "
                 "(tool results after an assistant turn)"
             )
