@@ -152,7 +152,7 @@ def test_warns_when_a_turn_ends_without_a_special_token(caplog):
     plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
     from tunesmith.data import templates
 
-    templates._WARNED_ENDINGS.clear()  # the warning is given once per process
+    templates._WARNED.clear()  # the warning is given once per process
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     with caplog.at_level("WARNING", logger="tunesmith.data.templates"):
         render_messages(word_tokenizer(), messages, chat_template=plain)
@@ -215,9 +215,31 @@ def test_base_tokenizer_with_chatml_warns_once_and_reports_missing_tokens(caplog
     tok = word_tokenizer(chat_specials=False)
     assert templates.missing_template_tokens(tok, "chatml") == ["<|im_start|>", "<|im_end|>"]
     assert templates.missing_template_tokens(word_tokenizer(), "chatml") == []
-    templates._WARNED_ENDINGS.clear()
+    templates._WARNED.clear()
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     with caplog.at_level("WARNING", logger="tunesmith.data.templates"):
         for _ in range(3):
             render_messages(tok, messages, chat_template="chatml")
     assert caplog.text.count("may not learn to stop") == 1
+
+
+def test_template_that_drops_tool_calls_is_named(smollm2_tokenizer, caplog):
+    # SmolLM2's own template writes only `content`: a turn that is all tool_calls would train
+    # to an empty answer. The built-in chatml renders the call and gives no warning.
+    from tunesmith.data import templates
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    templates._WARNED.clear()
+    with caplog.at_level("WARNING", logger="tunesmith.data.templates"):
+        render_messages(smollm2_tokenizer, messages, chat_template="chatml")
+    assert "tool_calls" not in caplog.text
+    with caplog.at_level("WARNING", logger="tunesmith.data.templates"):
+        ids, mask = render_messages(smollm2_tokenizer, messages)
+    assert "does not render assistant tool_calls ('get_weather'" in caplog.text
+    assert [smollm2_tokenizer.decode(r) for r in runs(ids, mask)] == ["<|im_end|>", "Sunny.<|im_end|>"]

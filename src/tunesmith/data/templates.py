@@ -317,6 +317,7 @@ def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_
             f"{NO_TEMPLATE_FIX}"
         )
     _warn_if_no_stop_token(tokenizer, text, spans)
+    _warn_if_tools_dropped(messages, tools, text, spans)
     return _tokenize_spans(tokenizer, text, spans)
 
 
@@ -379,8 +380,8 @@ def _warn_if_no_stop_token(tokenizer, text: str, spans) -> None:
     for _, end, _ in spans:
         if not any(text.endswith(stop, 0, end) for stop in stops):
             ending = text[max(0, end - 20) : end]
-            if ending not in _WARNED_ENDINGS:  # once per ending, not once per example
-                _WARNED_ENDINGS.add(ending)
+            if ending not in _WARNED:  # once per ending, not once per example
+                _WARNED.add(ending)
                 logger.warning(
                     "the chat template ends an assistant turn with %r, not a special token: the model may not "
                     "learn to stop. A template that closes turns with a special token (add it with "
@@ -390,7 +391,32 @@ def _warn_if_no_stop_token(tokenizer, text: str, spans) -> None:
             return
 
 
-_WARNED_ENDINGS: set[str] = set()
+_WARNED: set[str] = set()  # what was warned about already (turn endings, "tools", "tool_calls")
+
+
+def _warn_if_tools_dropped(messages, tools, text: str, spans) -> None:
+    # Many templates (SmolLM2's among them) ignore `tools` and `tool_calls`: the model would be
+    # trained to answer a tool-calling turn with nothing. Say so, once per process.
+    if "tools" in _WARNED and "tool_calls" in _WARNED:
+        return
+    names = [t.get("function", t).get("name") for t in tools or [] if isinstance(t, dict)]
+    if names and not any(name and name in text for name in names) and "tools" not in _WARNED:
+        _WARNED.add("tools")
+        logger.warning(
+            "the chat template does not show the `tools` column (no tool name appears in the rendered text); "
+            "use a template that renders tools, e.g. chat_template: chatml"
+        )
+    for start, end, i in spans:
+        for call in messages[i].get("tool_calls") or []:
+            name = call["function"]["name"]
+            if name not in text[start:end] and "tool_calls" not in _WARNED:
+                _WARNED.add("tool_calls")
+                logger.warning(
+                    "the chat template does not render assistant tool_calls (%r is not in the trained turn), "
+                    "so the model would learn to answer those turns with nothing; use a template that renders "
+                    "them, e.g. chat_template: chatml",
+                    name,
+                )
 
 
 def missing_template_tokens(tokenizer, chat_template: str) -> list[str]:
