@@ -58,6 +58,12 @@ def tokenize_example(
     `eos_token` overrides the tokenizer's EOS for plain text and completions. No double BOS:
     BOS is put in front only when the tokenizer adds one and the text does not already start
     with it; chat templates write their own BOS.
+
+    Defaults: `completion_only_loss=None` and `assistant_only_loss=None` both mean True. The
+    second is where we deliberately differ from TRL, which trains on every token of a
+    conversation unless told otherwise: training on the user's turns and the system prompt
+    teaches the model to write them, which is sloppy. `train_on_inputs=True` trains every
+    token of every kind (given `labels` of pre-tokenized data included).
     """
     where = f"example {index}" if index is not None else "example"
     train_all = bool(train_on_inputs)
