@@ -72,12 +72,12 @@ def run_one(contender: str, flavour: str, n: int) -> dict:
         prepare_dataset(
             dataset.select(range(10)), tokenizer, max_length=MAX_LENGTH, packing=True, cache_dir=False
         )
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         prepared = prepare_dataset(dataset, tokenizer, max_length=MAX_LENGTH, packing=True, cache_dir=False)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         out = prepared.dataset
     else:
-        out, seconds = _trl_prepare(dataset, tokenizer)
+        out, seconds, cpu_seconds = _trl_prepare(dataset, tokenizer)
     lengths = [len(ids) for ids in out["input_ids"]]
     labels = out["labels"] if "labels" in out.column_names else None
     trained = None
@@ -91,6 +91,7 @@ def run_one(contender: str, flavour: str, n: int) -> dict:
         "flavour": flavour,
         "examples": n,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "examples_per_s": n / seconds,
         "rows": len(lengths),
         "tokens": sum(lengths),
@@ -127,9 +128,9 @@ def _trl_prepare(dataset, tokenizer):
         train_dataset=dataset.select(range(10)),
         processing_class=tokenizer,
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = trainer._prepare_dataset(dataset, tokenizer, args, True, None, "train")
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def run_all(repeats: int, n: int, trl_python: str, results: Path) -> None:
@@ -151,7 +152,8 @@ def run_all(repeats: int, n: int, trl_python: str, results: Path) -> None:
                 }
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
                 run = json.loads(out.read_text())
-                print(f"{flavour:18s} {contender:10s} {run['seconds']:7.2f} s  {run['examples_per_s']:8.0f} ex/s  "
+                print(f"{flavour:18s} {contender:10s} {run['seconds']:7.2f} s  cpu {run['cpu_seconds']:7.2f} s  "
+                      f"{run['examples_per_s']:8.0f} ex/s  "
                       f"rows {run['rows']}  efficiency {100 * run['efficiency']:.1f}%", flush=True)  # fmt: skip
                 runs.append(run)
     write_results(runs, repeats, n, results)
@@ -169,28 +171,33 @@ def write_results(runs: list[dict], repeats: int, n: int, results: Path) -> None
         f"{n:,} examples from `bench/datasets.py` (seed {SEED}; median 94, p90 220, max 2,000 SmolLM2 tokens), "
         f"SmolLM2-135M-Instruct tokenizer, max_length {MAX_LENGTH}, packing with best-fit decreasing, no cache. "
         "Time from an in-memory `datasets.Dataset` to the packed dataset (tokenize, truncate, pack), each run in a "
-        f"fresh process, median of {repeats} runs per cell, contenders alternating.",
+        f"fresh process, median of {repeats} runs per cell, contenders alternating. CPU s is the process's CPU "
+        "time (all threads): steadier than wall time on a machine shared with other jobs.",
         "",
-        "| data | contender | seconds | examples/s | rows | packing efficiency | trained tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| data | contender | wall s | CPU s | examples/s (wall) | rows | packing efficiency | trained tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for flavour in FLAVOURS:
         for contender in CONTENDERS:
             one = next(r for r in runs if r["contender"] == contender and r["flavour"] == flavour)
-            trained = one["trained_tokens"]
+            trained = "n/a" if one["trained_tokens"] is None else f"{one['trained_tokens']:,}"
             lines.append(
                 f"| {flavour} | {contender} | {median(contender, flavour, 'seconds'):.2f} | "
-                f"{median(contender, flavour, 'examples_per_s'):,.0f} | {one['rows']:,} | "
-                f"{100 * one['efficiency']:.2f}% | {trained:,} |"
-                if trained is not None
-                else f"| {flavour} | {contender} | {median(contender, flavour, 'seconds'):.2f} | "
-                f"{median(contender, flavour, 'examples_per_s'):,.0f} | {one['rows']:,} | "
-                f"{100 * one['efficiency']:.2f}% | n/a |"
+                f"{median(contender, flavour, 'cpu_seconds'):.2f} | {median(contender, flavour, 'examples_per_s'):,.0f} | "
+                f"{one['rows']:,} | {100 * one['efficiency']:.2f}% | {trained} |"
             )
     lines.append("")
     for flavour in FLAVOURS:
-        ratio = median("trl", flavour, "seconds") / median("tunesmith", flavour, "seconds")
-        lines.append(f"- {flavour}: tunesmith is {ratio:.2f}x TRL's speed (TRL seconds / tunesmith seconds).")
+        wall = median("trl", flavour, "seconds") / median("tunesmith", flavour, "seconds")
+        cpu = median("trl", flavour, "cpu_seconds") / median("tunesmith", flavour, "cpu_seconds")
+        lines.append(
+            f"- {flavour}: TRL time / tunesmith time = {wall:.2f} (wall), {cpu:.2f} (CPU time of the process)."
+        )
+    same = {r["trained_tokens"] for r in runs if r["flavour"] == "prompt_completion"}
+    if len(same) == 1:
+        lines.append(
+            f"- prompt_completion: both train exactly {same.pop():,} tokens, a check that they label the data alike."
+        )
     lines += [
         "- Trained tokens differ on conversations by design: TRL trains every token of a conversation by "
         "default (its assistant-only loss needs `{% generation %}` markers, which SmolLM2's template lacks); "
