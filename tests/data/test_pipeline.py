@@ -195,10 +195,26 @@ def test_streaming_bfd_keeps_every_token_and_counts_truncation(monkeypatch):
 
 
 def test_parallel_tokenization_gives_the_same_rows():
-    rows = _rows([3, 4, 5, 6, 7, 8] * 4)
-    one = prepare_dataset(rows, None, max_length=8, packing=True, cache_dir=False)
-    two = prepare_dataset(rows, None, max_length=8, packing=True, dataset_num_proc=2, cache_dir=False)
+    from tests.tiny import tiny_tokenizer
+
+    # the tokenizer and the options travel to the worker processes
+    rows = [
+        {"prompt": "what is the capital of france", "completion": "paris"},
+        {"prompt": "hello", "completion": "hi"},
+    ] * 8
+    one = prepare_dataset(rows, tiny_tokenizer(), max_length=8, packing=True, cache_dir=False)
+    two = prepare_dataset(
+        rows, tiny_tokenizer(), max_length=8, packing=True, dataset_num_proc=2, cache_dir=False
+    )
     assert two.dataset.to_list() == one.dataset.to_list()
+    # 8 x (6 prompt words + "paris" + EOS) + 8 x ("hello" + "hi" + EOS)
+    assert two.stats.tokens == one.stats.tokens == 8 * 8 + 8 * 3
+
+
+def test_nothing_left_to_train_on_is_an_error():
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}]
+    with pytest.raises(ValueError, match=r"no example is left to train on .*'no_trained_token': 1"):
+        prepare_dataset(rows, None, cache_dir=False)
 
 
 # ---- through the tokenizer (formats.py + tokenize.py) ---------------------------------------

@@ -230,6 +230,12 @@ def prepare_dataset(
     stats.format = _detect(dataset, options)
     table = _tokenize_dataset(dataset, tokenizer, stats.format, options, dataset_num_proc)
     table = _truncate_and_pack(table, stats, settings)
+    if len(table) == 0:
+        raise ValueError(
+            f"{stats.source}: no example is left to train on after truncation and dropping "
+            f"({stats.examples_in} read; dropped: {stats.dropped}). Check max_length={max_length}, "
+            f"truncation_mode={truncation_mode!r} and that the examples have trained tokens (labels not all -100)."
+        )
     result = _to_dataset(table)
     stats.seconds = round(time.perf_counter() - started, 3)
     if cache_path is not None:
