@@ -26,6 +26,17 @@ def file(name: str, content: bytes):
     return load
 
 
+def file_rows(name: str, content: bytes):
+    """A file read, detected and normalised row by row, as the pipeline does."""
+
+    def load(tmp_path):
+        rows = file(name, content)(tmp_path).to_list()
+        fmt = detect_format(list(rows[0]), first_example=rows[0])
+        return [normalize_example(row, fmt, index=i) for i, row in enumerate(rows)]
+
+    return load
+
+
 def messages(*msgs, index=3):
     return lambda tmp_path: normalize_example({"messages": list(msgs)}, "messages", index=index)
 
@@ -65,6 +76,10 @@ CASES = [
     ("CSV with only a header", file("header.csv", b"text\n"), ["header.csv", "has no rows"]),
     ("unknown file kind", file("data.txt", b"hello"), ["data.txt", "unknown file kind '.txt'", ".jsonl"]),
     ("missing file", lambda tmp_path: load_source(tmp_path / "nope.jsonl"), ["nope.jsonl: no such file"]),
+    ("number content in a file's second row", file_rows("chat.jsonl",
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        b'{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "yo"}]}\n'),
+     ["example 1, messages[0], content", "expected a string, got int (5)"]),
     # --- in-memory sources
     ("empty list", lambda tmp_path: load_source([]), ["the list of examples is empty"]),
     ("empty Dataset", lambda tmp_path: load_source(empty_dataset()),

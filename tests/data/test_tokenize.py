@@ -171,7 +171,7 @@ def test_formatting_func_per_example_and_batched_style(tok):
         assert tokenize_example(example, tok)["input_ids"] == [1, 34, 35, 2]
 
 
-def test_smollm2_messages_exact_ids(smollm2_tokenizer):
+def test_smollm2_messages_train_the_reply_and_im_end(smollm2_tokenizer):
     # The real SmolLM2 tokenizer: no BOS added to chat text, eos = <|im_end|> (id 2) is trained.
     example = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
     out = tokenize_example(example, smollm2_tokenizer)
@@ -183,3 +183,15 @@ def test_smollm2_messages_exact_ids(smollm2_tokenizer):
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM"
     )
     assert trained[-1] == tok.eos_token_id == 2
+
+
+def test_smollm2_prompt_completion_exact_ids(smollm2_tokenizer):
+    # SmolLM2 adds no BOS to plain text; its EOS is <|im_end|> (2). The ids are the tokenizer's
+    # own for "The"=504 " capital"=3575 " of"=282 " France"=4649 " is"=314 " Paris"=7042 "."=30,
+    # i.e. the prompt's tokens followed by the completion's with no merge across the boundary.
+    out = tokenize_example({"prompt": "The capital of France is", "completion": " Paris."}, smollm2_tokenizer)
+    assert smollm2_tokenizer("The capital of France is")["input_ids"] == [504, 3575, 282, 4649, 314]
+    assert out == {
+        "input_ids": [504, 3575, 282, 4649, 314, 7042, 30, 2],
+        "labels": [X, X, X, X, X, 7042, 30, 2],
+    }
