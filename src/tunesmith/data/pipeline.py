@@ -678,6 +678,7 @@ def _load_cached(path: Path) -> PreparedDataset | None:
     logger.info(
         "reusing prepared data from %s (%d rows; delete the folder to prepare again)", path, len(dataset)
     )
+    logger.info("%s", stats.summary())
     return PreparedDataset(dataset, stats)
 
 
