@@ -209,3 +209,38 @@ def test_bfd_documents_are_intact_contiguous_spans(lengths, max_length):
     totals = sorted(sum(r) for r in rows.to_pydict()["seq_lengths"])
     if len(totals) >= 2:
         assert totals[0] + totals[1] > max_length
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    examples=st.lists(st.lists(st.tuples(st.integers(0, 50), st.booleans()), max_size=12), max_size=12),
+    max_length=st.integers(1, 10),
+    mode=st.sampled_from(["keep_start", "keep_end", "drop"]),
+)
+def test_truncate_matches_naive_slicing(examples, max_length, mode):
+    rows = [
+        {"input_ids": [t for t, _ in ex], "labels": [t if keep else -100 for t, keep in ex]}
+        for ex in examples
+    ]
+    table, stats = truncate(rows, max_length=max_length, truncation_mode=mode)
+    expected = []
+    for row in rows:
+        if len(row["input_ids"]) > max_length:
+            if mode == "drop":
+                continue
+            cut = (
+                slice(0, max_length)
+                if mode == "keep_start"
+                else slice(len(row["input_ids"]) - max_length, None)
+            )
+            row = {key: value[cut] for key, value in row.items()}
+        if any(label != -100 for label in row["labels"]):
+            expected.append(row)
+    assert table.to_pylist() == expected
+    assert stats.examples_out == len(expected)
+    overlong = [r for r in rows if len(r["input_ids"]) > max_length]
+    assert stats.truncated == (0 if mode == "drop" else len(overlong))
+    assert stats.tokens_truncated == (
+        0 if mode == "drop" else sum(len(r["input_ids"]) - max_length for r in overlong)
+    )
+    assert stats.examples_in == stats.examples_out + stats.dropped
