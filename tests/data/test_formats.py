@@ -45,6 +45,8 @@ def test_prompt_response_with_text_field_prompt_is_prompt_response(caplog):
     with caplog.at_level("INFO", logger="tunesmith.data.formats"):
         assert detect_format(["prompt", "response"], dataset_text_field="prompt") == "prompt_response"
     assert "training on prompt + response" in caplog.text
+    # the same trap with a completion column: the completions are not dropped either
+    assert detect_format(["prompt", "completion"], dataset_text_field="prompt") == "prompt_completion"
 
 
 def test_normalize_text_prompt_completion_prompt_response():

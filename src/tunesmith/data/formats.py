@@ -108,8 +108,8 @@ def detect_format(
 
     `override` (the config's choice) wins, but its columns must exist. A `formatting_func`
     wins over the columns. A column named by a non-default `dataset_text_field` wins over the
-    structured formats, except `prompt` next to `response` (trained as prompt + response, as
-    the tutorials that set `dataset_text_field="prompt"` expect). Raises `DataError` listing
+    structured formats, except `prompt` next to `response` or `completion` (trained as prompt +
+    answer, as the tutorials that set `dataset_text_field="prompt"` expect, with a notice). Raises `DataError` listing
     the columns found and the formats accepted when nothing (or more than one thing) fits.
     """
     columns = list(column_names)
@@ -139,12 +139,18 @@ def detect_format(
     if "input_ids" in have:
         return "tokenized"
 
-    if text_field == "prompt" and {"prompt", "response"} <= have:
+    if text_field == "prompt" and ({"prompt", "response"} <= have or {"prompt", "completion"} <= have):
+        # Reading only the prompt column would silently drop the answers the user meant to train.
+        other = "response" if "response" in have else "completion"
+        fmt = "prompt_response" if other == "response" else "prompt_completion"
+        if fmt == "prompt_completion" and isinstance((first_example or {}).get("prompt"), list):
+            fmt = "conversational_prompt_completion"
         logger.info(
-            "dataset_text_field='prompt' on a prompt/response dataset: training on prompt + response "
-            "(loss on the response only unless completion_only_loss=False)"
-        )
-        return "prompt_response"
+            "dataset_text_field='prompt' on a prompt/%s dataset: training on prompt + %s "
+            "(loss on the %s only unless completion_only_loss=False)",
+            other, other, other,
+        )  # fmt: skip
+        return fmt
     if dataset_text_field not in (None, "text"):
         if dataset_text_field in have:
             return "text"

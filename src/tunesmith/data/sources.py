@@ -69,6 +69,8 @@ def load_source(source, *, split=None, streaming=False, data_files=None, **load_
     `DatasetDict` / `IterableDatasetDict` (the `split`, default `"train"`, is taken),
     `IterableDataset`, a list of dicts, or a dataset name on the Hub. `split` accepts slices:
     `"train[:100]"`, `"train[10:20]"`, `"train[:10%]"` (percentages not when streaming).
+    `data_files` goes with a Hub name or a builder name (`load_source("json", data_files=...)`,
+    whose files are checked like a path source); `load_kwargs` go to `datasets.load_dataset`.
 
         >>> load_source([{"prompt": "2+2=", "completion": "4"}]).to_list()
         [{'prompt': '2+2=', 'completion': '4'}]
