@@ -76,9 +76,9 @@ class DataStats:
     max_length: int | None = None
     packing_strategy: str | None = None  # None when not packed
     packing_efficiency: float | None = None  # tokens / (rows * max_length), packed data only
-    length_histogram: dict = field(
-        default_factory=dict
-    )  # {"edges": [...], "counts": [...]}, tokenized lengths
+    # tokenized lengths before truncation: counts[i] examples with edges[i-1] <= length < edges[i]
+    # (edges[-1] is the longest length, inclusive); e.g. {"edges": [32, 64, 70], "counts": [1, 2, 1]}
+    length_histogram: dict = field(default_factory=dict)
     length_percentiles: dict = field(default_factory=dict)  # {"p50", "p90", "max"} of tokenized lengths
     cache_hit: bool = False
     cache_path: str | None = None
