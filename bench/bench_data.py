@@ -3,7 +3,7 @@
     python bench/bench_data.py all --repeats 2            # the comparison, writes bench/RESULTS.md
     python bench/bench_data.py one --contender tunesmith --flavour messages --out r.json
 
-Same data for both (bench/datasets.py, 10,000 examples, median 94 / p90 220 / max 2,000 SmolLM2
+Same data for both (bench/instruction_data.py, 10,000 examples, median 94 / p90 220 / max 2,000 SmolLM2
 tokens), same tokenizer (SmolLM2-135M-Instruct's, saved once as a plain tokenizer folder),
 max_length 1024, packing with best-fit decreasing, each library's default loss masking.
 Each run is a fresh process (TRL's in the Python that has trl: --trl-python), timed from the
@@ -56,10 +56,10 @@ def ensure_tokenizer() -> Path:
 
 def run_one(contender: str, flavour: str, n: int) -> dict:
     """Prepare the dataset once in this process; returns timings and what came out."""
-    from bench.datasets import make_dataset
+    from bench.instruction_data import make_dataset
 
     rows = make_dataset(n, flavour=flavour, seed=SEED)
-    # alone in its block: ruff's isort takes `datasets` for bench/datasets.py
+    # alone in its block: ruff's isort takes `datasets` for bench/instruction_data.py
     from datasets import Dataset
 
     dataset = Dataset.from_list(rows)
@@ -168,7 +168,7 @@ def write_results(runs: list[dict], repeats: int, n: int, results: Path) -> None
     lines = [
         "## Data preparation",
         "",
-        f"{n:,} examples from `bench/datasets.py` (seed {SEED}; median 94, p90 220, max 2,000 SmolLM2 tokens), "
+        f"{n:,} examples from `bench/instruction_data.py` (seed {SEED}; median 94, p90 220, max 2,000 SmolLM2 tokens), "
         f"SmolLM2-135M-Instruct tokenizer, max_length {MAX_LENGTH}, packing with best-fit decreasing, no cache. "
         "Time from an in-memory `datasets.Dataset` to the packed dataset (tokenize, truncate, pack), each run in a "
         f"fresh process, median of {repeats} runs per cell, contenders alternating. CPU s is the process's CPU "

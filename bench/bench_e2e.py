@@ -4,7 +4,7 @@
     python bench/bench_e2e.py all --seconds 150 --repeats 2                              # the comparison
 
 Every contender gets the same model object type (SmolLM2-135M-Instruct, bf16 weights), the
-same LoRA (r=16, alpha=32, all linear layers), the same data (bench/datasets.py, prompt/completion
+same LoRA (r=16, alpha=32, all linear layers), the same data (bench/instruction_data.py, prompt/completion
 flavour, completion-only loss), batch 4 x accumulation 2, max length 1024, seed 42.
 
 What is measured, identically for every contender:
@@ -68,7 +68,7 @@ class TokenCounter:
 
 
 def bench_records(n: int):
-    from bench.datasets import make_dataset
+    from bench.instruction_data import make_dataset
 
     return make_dataset(n, flavour="prompt_completion", seed=SEED)
 
@@ -78,6 +78,7 @@ def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examp
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
     from tunesmith.models.load import default_model_path
 
     library, overrides = CONTENDERS[contender]

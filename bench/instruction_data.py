@@ -1,6 +1,6 @@
 """A synthetic instruction dataset with the length profile of real ones, shared by all benchmarks.
 
-    from bench.datasets import make_dataset
+    from bench.instruction_data import make_dataset
     rows = make_dataset(10_000, flavour="prompt_completion", seed=42)
     rows[0]  # {"prompt": "...", "completion": " ..."}
     rows = make_dataset(10_000, flavour="messages", seed=42)
@@ -14,7 +14,7 @@ log-uniformly over 800..2,000 tokens, the longest exactly 2,000.
 
 The text is made of common English words that are each exactly one SmolLM2 token (with or
 without a leading space), in sentences ending with ".", so a content of k tokens is built
-exactly; the chat-template overhead is a measured constant (below). `python bench/datasets.py`
+exactly; the chat-template overhead is a measured constant (below). `python bench/instruction_data.py`
 prints the lengths as the SmolLM2 tokenizer actually sees them.
 
 Deterministic: the same (n, flavour, seed) gives the same rows on every machine.
@@ -33,7 +33,7 @@ MIN_TOKENS = 12
 # message: 16 (plus the system text); each further user + assistant pair: 11.
 OVERHEAD_DEFAULT_SYSTEM, OVERHEAD_OWN_SYSTEM, OVERHEAD_PER_PAIR = 32, 16, 11
 
-# Each is one SmolLM2 token, alone or after a space (checked by `python bench/datasets.py`).
+# Each is one SmolLM2 token, alone or after a space (checked by `python bench/instruction_data.py`).
 WORDS = """
 the of and to in is that for it as was with be by on not he this are or his from at which but have an
 they you were her she there been one all we their has would when if so no will more can out up into do
@@ -130,7 +130,7 @@ def _ln(x: float) -> float:
 
 
 if __name__ == "__main__":
-    # Check the profile on the SmolLM2 tokenizer: python bench/datasets.py
+    # Check the profile on the SmolLM2 tokenizer: python bench/instruction_data.py
     import statistics
     import sys
     from pathlib import Path
