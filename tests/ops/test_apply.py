@@ -12,7 +12,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.tiny import ARCHS, tiny_model  # noqa: E402
-
 from tunesmith.ops._triton import interpreter_ready  # noqa: E402
 from tunesmith.ops.apply import KINDS, optimize, optimized_kinds, unoptimize  # noqa: E402
 from tunesmith.ops.rms_norm import RMSNorm  # noqa: E402
@@ -116,6 +115,15 @@ def test_peft_lora_model(order):
     mlp = model.base_model.model.model.layers[0].mlp
     assert type(mlp).__name__ == "LlamaMLP" and hasattr(mlp.gate_proj, "lora_A")
     assert torch.equal(_logits_and_grads(model)[0], before[0])
+
+
+def test_generation_with_cache_is_unchanged():
+    # the swapped attention goes through the KV cache like the original
+    model = tiny_model("qwen3")
+    prompt = INPUT_IDS[:1]
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    optimize(model, impl="reference", swaps=KINDS)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), expected)
 
 
 def test_default_on_cpu_swaps_nothing_and_says_why(caplog):

@@ -5,8 +5,8 @@ import logging
 
 import pytest
 import torch
-from tests.tiny import tiny_model
 
+from tests.tiny import tiny_model
 from tunesmith.ops.offload import (
     OffloadActivations,
     apply_memory_policy,

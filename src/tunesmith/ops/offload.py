@@ -149,10 +149,20 @@ class OffloadedCheckpoint:
     def __init__(self, min_bytes: int = 1 << 16):
         self.hooks = OffloadActivations(min_bytes=min_bytes)
         self._anchor = torch.ones((), requires_grad=True)
+        self._warned = False
 
-    def __call__(self, run, hidden, *rest):
+    def __call__(self, run, *args):
+        if not args or not isinstance(args[0], torch.Tensor):
+            # transformers passes hidden_states positionally; a layer called otherwise is
+            # still checkpointed, without the offload
+            if not self._warned:
+                logger.warning(
+                    "offload: a decoder layer got no positional hidden_states; checkpointing it without offload"
+                )
+                self._warned = True
+            return _plain_checkpoint(run, *args)
         with self.hooks:
-            return _OffloadedCheckpoint.apply(run, self._anchor, hidden, *rest)
+            return _OffloadedCheckpoint.apply(run, self._anchor, *args)
 
 
 def _plain_checkpoint(run, *args):
