@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["generate"]
+__all__ = ["generate", "stop_token_ids"]
 
 
 def generate(
@@ -23,6 +23,7 @@ def generate(
     prompt alone). The model's train/eval mode is restored afterwards.
     """
     items = _as_list(prompts_or_messages)
+    kwargs.setdefault("eos_token_id", stop_token_ids(model, tokenizer))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -53,6 +54,36 @@ def generate(
     finally:
         model.train(was_training)
     return outputs
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a generation: the model's and tokenizer's eos, and the chat template's
+    end-of-turn token (e.g. chatml's <|im_end|>, Llama-3's <|eot_id|>), which fine-tuning trains as
+    the last token of every assistant turn but which is often not the model's eos."""
+    ids: list[int] = []
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (config_eos, tokenizer.eos_token_id, _end_of_turn_id(tokenizer)):
+        for token_id in value if isinstance(value, list) else [value]:
+            if token_id is not None and token_id not in ids:
+                ids.append(int(token_id))
+    return ids
+
+
+def _end_of_turn_id(tokenizer) -> int | None:
+    """The first special token the chat template writes after an assistant message's content."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "xyzzy"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # a template that refuses this conversation: no end-of-turn token to add
+        return None
+    after = text[text.rfind(marker) + len(marker) :]
+    ids = tokenizer(after, add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids)
+    return next((i for i in ids if i in special), None)
 
 
 def _as_list(prompts_or_messages) -> list:
