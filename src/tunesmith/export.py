@@ -131,6 +131,7 @@ def quantize_q8_0(data):
     `data` (..., K) float32 with K % 32 == 0 -> uint8 (..., K // 32 * 34), the byte layout GGUF
     stores. Rounding is half away from zero, as llama.cpp's reference quantizer does.
 
+    >>> import numpy as np
     >>> x = np.zeros((1, 32), np.float32); x[0, 0] = 127.0; x[0, 1] = -63.5
     >>> q = quantize_q8_0(x); q.shape, q[0, 2:4].view(np.int8).tolist()
     ((1, 34), [127, -64])

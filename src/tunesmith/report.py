@@ -149,17 +149,19 @@ def write_report(
     output_dir: str | Path,
     *,
     title: str,
-    metrics: dict[str, tuple[float, float]],
+    metrics: dict[str, tuple[float, float]] | None = None,
     samples: Sequence[Sample] = (),
     notes: Sequence[str] = (),
 ) -> Path:
     """Write `output_dir/report.md`: the before/after table, sample generations and the plots.
 
-    `metrics`: name -> (before, after), as fractions (shown as percentages).
+    `metrics`: name -> (before, after), as fractions (shown as percentages); None: no table.
     """
     output_dir = Path(output_dir)
-    rows = [[name, f"{before:.1%}", f"{after:.1%}"] for name, (before, after) in metrics.items()]
-    parts = [f"# {title}", "", markdown_table(["metric (held-out)", "before", "after"], rows), ""]
+    parts = [f"# {title}", ""]
+    if metrics:
+        rows = [[name, f"{before:.1%}", f"{after:.1%}"] for name, (before, after) in metrics.items()]
+        parts += [markdown_table(["metric (held-out)", "before", "after"], rows), ""]
     parts += [f"- {note}" for note in notes]
     if samples:
         parts += ["", "## Sample generations", ""]
