@@ -158,3 +158,14 @@ def test_swapped_norm_holds_the_same_parameter():
     assert (
         isinstance(norm, RMSNorm) and norm.weight is weight and norm.offset == 1.0 and norm.casting == "gemma"
     )
+
+
+def test_mlp_with_an_activation_we_have_no_kernel_for_is_left_alone():
+    model = tiny_model("llama", hidden_act="relu")
+    report = optimize(model, impl="reference", swaps=KINDS)
+    assert report.swapped["mlp"] == 0 and report.swapped["rms_norm"] == 5
+    assert report.skipped == {"LlamaMLP": "activation ReLU has no fused kernel"}
+    assert str(report).splitlines() == [
+        "optimize(llama on cpu, impl=reference): swapped 5 rms_norm, 2 rope",
+        "  left unchanged: LlamaMLP: activation ReLU has no fused kernel",
+    ]
