@@ -1,0 +1,60 @@
+"""The quick-start task: its data, its split, its metric, and how the real tokenizer sees it."""
+
+import datetime as dt
+
+import pytest
+
+from tunesmith.quickstart import (
+    INSTRUCTION,
+    contains_answer,
+    date_example,
+    exact_match,
+    make_splits,
+    prompts_and_references,
+)
+
+
+def test_examples_are_system_user_assistant_with_the_iso_answer():
+    ex = date_example(dt.date(1999, 12, 31), 2)
+    assert [m["role"] for m in ex["messages"]] == ["system", "user", "assistant"]
+    assert ex["messages"][1]["content"] == f"{INSTRUCTION} Dec 31 1999"
+    assert ex["messages"][2]["content"] == "1999-12-31"
+    assert date_example(dt.date(2001, 2, 3), 1)["messages"][1]["content"].endswith(" 3 February 2001")
+
+
+def test_splits_are_deterministic_and_share_no_date():
+    a, b = make_splits(300, 50, seed=0), make_splits(300, 50, seed=0)
+    assert a == b
+    assert make_splits(300, 50, seed=1) != a
+    train_dates = {ex["messages"][2]["content"] for ex in a.train}
+    held_dates = {ex["messages"][2]["content"] for ex in a.heldout}
+    assert len(train_dates) == 300 and len(held_dates) == 50 and not train_dates & held_dates
+    # all three spellings appear in a split of this size (each has probability 1/3 per example)
+    spellings = {ex["messages"][1]["content"][len(INSTRUCTION) :].count(",") for ex in a.train}
+    assert spellings == {0, 1}
+
+
+def test_metrics():
+    refs = ["2021-03-05", "1960-01-24", "2045-08-07", "1999-12-31"]
+    preds = ["2021-03-05", " 1960-01-24\n", "August 7, 2045", "The date is 1999-12-31."]
+    assert exact_match(preds, refs) == 0.5  # the first two; the last has extra words
+    assert contains_answer(preds, refs) == 0.75
+    prompts, references = prompts_and_references(make_splits(2, 1).heldout)
+    assert [m["role"] for m in prompts[0]] == ["system", "user"] and len(references) == 1
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        exact_match(["a", "b"], ["a"])
+
+
+def test_on_the_smollm2_tokenizer_only_the_answer_and_end_of_turn_are_trained(smollm2_tokenizer):
+    from tunesmith.data.pipeline import prepare_dataset
+
+    prepared = prepare_dataset(
+        make_splits(20, 1).train, smollm2_tokenizer, assistant_only_loss=True, max_length=384, cache_dir=False
+    )
+    end_of_turn = smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for row, ex in zip(prepared.dataset, make_splits(20, 1).train):
+        trained = [t for t in row["labels"] if t != -100]
+        # SmolLM2 splits digits one per token: "2021-03-05" is 10 tokens, then <|im_end|>
+        assert smollm2_tokenizer.decode(trained[:-1]) == ex["messages"][2]["content"]
+        assert len(trained) == 11 and trained[-1] == end_of_turn
+        assert 40 <= len(row["input_ids"]) <= 60  # short: many steps fit in the quick start's minutes
