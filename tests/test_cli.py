@@ -1,5 +1,6 @@
 """The `tunesmith` command line, in process, on a tiny Llama with a byte-level BPE tokenizer."""
 
+import io
 import json
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def run_cli(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def test_train_generate_merge_export_and_load_back(tiny_run, capsys):
+def test_train_generate_merge_export_and_load_back(tiny_run, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     tmp = tiny_run
@@ -72,6 +73,11 @@ def test_train_generate_merge_export_and_load_back(tiny_run, capsys):
     code, out, err = run_cli(capsys, "generate", run, "--prompt", PROMPT, "--max-new-tokens", "8")
     assert code == 0, err
     assert out.strip() == ANSWER
+
+    # chat reads turns from stdin (not a terminal here: no prompt text), one reply per line
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{PROMPT}\n"))
+    code, out, err = run_cli(capsys, "chat", run, "--max-new-tokens", "8")
+    assert (code, out.strip()) == (0, ANSWER)
 
     code, out, err = run_cli(capsys, "merge", run, "--output", tmp / "merged")
     assert code == 0, err
@@ -131,6 +137,15 @@ def test_inspect_marks_trained_tokens(tiny_run, capsys):
     expected = "<|im_start|>user\nwhat is the capital of france<|im_end|>\n<|im_start|>assistant\n[[paris<|im_end|>]]\n"
     assert expected in out
     assert "examples: 16 in, 16 out" in out and "example lengths (tokens):" in out
+
+
+def test_preprocess_prints_the_statistics(tiny_run, capsys):
+    code, out, err = run_cli(capsys, "preprocess", tiny_run / "run.yaml", "assistant_only_loss=true")
+    assert code == 0, err
+    # 16 copies of a 51-token conversation; trained per copy: "paris" (5 single-byte tokens, as the
+    # test BPE learned no merge for it) + <|im_end|> = 6
+    assert "[train]" in out and "examples: 16 in, 16 out" in out
+    assert "tokens: 816, of which trained: 96 (11.8%)" in out
 
 
 def test_render_tokens_with_and_without_colour(tmp_path):
