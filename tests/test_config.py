@@ -152,3 +152,13 @@ def test_every_section_key_resolves_to_one_field():
     for section, values in SFTConfig(output_dir="x").to_yaml_dict().items():
         for key in values:
             assert config_module._section_key(section, key) in cfg_fields
+
+
+def test_bf16_true_runs_on_a_gpu_less_machine(tmp_path):
+    # TrainingArguments alone raises "Your setup doesn't support bf16/gpu" here; scripts written for a
+    # GPU (the Unsloth seed sets bf16=True) run on the CPU in bf16 autocast instead
+    if config_module._has_accelerator():
+        pytest.skip("this machine has an accelerator")
+    cfg = SFTConfig(output_dir=str(tmp_path), bf16=True)
+    assert cfg.bf16 is True and cfg.use_cpu is True
+    assert SFTConfig(output_dir=str(tmp_path)).bf16 is False  # the default stays off on CPU

@@ -80,7 +80,11 @@ def _bf16_supported() -> bool:
 def _has_accelerator() -> bool:
     import torch
 
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
 
 
 @dataclass
@@ -327,6 +331,10 @@ class SFTConfig(TrainingArguments):
             self.max_seq_length = None
         if self.bf16 is None:
             self.bf16 = not self.fp16 and _bf16_supported()
+        if self.bf16 and not self.use_cpu and not _has_accelerator():
+            # TrainingArguments refuses bf16=True on a GPU-less machine unless told `use_cpu`; CPUs run bf16
+            # autocast fine, so a script written for a GPU (bf16=True) runs here as written
+            self.use_cpu = True
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             # accelerate runs data parallelism on CPUs (gloo) only when told `cpu`; without it each of
             # the launched processes would train alone on its own shard of nothing
