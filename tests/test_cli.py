@@ -171,3 +171,13 @@ def test_help_is_fast_and_imports_no_torch():
     assert result.stdout.strip() == "[]"
     result = subprocess.run([sys.executable, "-m", "tunesmith.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout and "export" in result.stdout
+
+
+def test_generate_from_a_missing_folder_is_one_line(capsys):
+    code, _, err = run_cli(capsys, "generate", "./no-such-run", "--prompt", "hi")
+    assert code == 2 and "./no-such-run does not exist" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "merge", "./no-such-run", "--output", "x")
+    assert (code, err.strip()) == (
+        2,
+        "tunesmith merge: ./no-such-run: no such folder (expected a model or adapter folder)",
+    )

@@ -479,6 +479,11 @@ def main(argv=None) -> int:
         if isinstance(err, known):
             print(f"tunesmith {args.command}: {err}", file=sys.stderr)
             return EXIT_CONFIG_ERROR if isinstance(err, ConfigError) else 1
+        if isinstance(err, OSError) and not isinstance(err, (BrokenPipeError, InterruptedError)):
+            # from_pretrained's "not a local folder and not on the Hub" (and unreadable files): the
+            # message already says what and where
+            print(f"tunesmith {args.command}: {err}", file=sys.stderr)
+            return 1
         raise
 
 
