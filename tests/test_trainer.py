@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
-from tests.tiny import tiny_model, tiny_tokenizer
 from transformers import TrainingArguments
 
+from tests.tiny import tiny_model, tiny_tokenizer
 from tunesmith import SFTConfig, SFTTrainer, UnslothTrainer
 from tunesmith import config as config_module
 from tunesmith.callbacks import NonFiniteLossError
@@ -286,3 +286,53 @@ def test_model_given_by_path(tmp_path):
     )
     assert trainer.model.config.hidden_size == 64 and trainer.processing_class.eos_token == "</s>"
     assert trainer.train().global_step == 2
+
+
+def test_chat_template_from_config_is_saved_with_the_tokenizer(tmp_path):
+    tok = tiny_tokenizer()
+    tok.chat_template = None  # a base model without a template
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path, chat_template="chatml"),
+        train_dataset=FORMATS["messages"],
+        processing_class=tok,
+    )
+    assert "<|im_start|>" in trainer.processing_class.chat_template
+    trainer.save_model(str(tmp_path / "final"))
+    from transformers import AutoTokenizer
+
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path / "final").chat_template
+        == trainer.processing_class.chat_template
+    )
+
+
+def test_sample_generations_and_progress_line_callbacks(tmp_path):
+    import io
+
+    from tunesmith.callbacks import ProgressLineCallback, SampleGenerationCallback
+
+    stream = io.StringIO()
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(
+            tmp_path,
+            sample_prompts=["Who wrote Hamlet?"],
+            sample_max_new_tokens=3,
+            eval_strategy="steps",
+            eval_steps=2,
+        ),
+        train_dataset=FORMATS["prompt_completion"],
+        eval_dataset=FORMATS["prompt_completion"][:2],
+        processing_class=tiny_tokenizer(),
+        callbacks=[ProgressLineCallback(stream)],
+    )
+    trainer.train()
+    samples = next(
+        cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SampleGenerationCallback)
+    ).samples
+    assert [(step, prompt) for step, prompt, _ in samples] == [
+        (2, "Who wrote Hamlet?")
+    ]  # one eval, at step 2
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("step 2/2 | loss ") and "tok/s" in lines[1]

@@ -7,9 +7,9 @@ token-mean cross-entropy of the eight examples computed here with transformers' 
 
 import pytest
 import torch
-from tests.tiny import tiny_model, tiny_tokenizer
 from transformers import TrainerCallback
 
+from tests.tiny import tiny_model, tiny_tokenizer
 from tunesmith import SFTConfig, SFTTrainer
 
 # Completions from 1 to ~30 supervised tokens: a per-micro-batch mean would weigh them very differently.
@@ -137,3 +137,58 @@ def test_padded_batches_give_the_same_step(runs, tmp_path):
     assert loss == pytest.approx(loss_ref, rel=1e-5)
     for name in grads_ref:
         assert_grad_close(grads[name], grads_ref[name], name)
+
+
+def hf_token_mean_loss(model, dataset) -> float:
+    """transformers' own loss (full logits, its softcap, its head) as a token mean over `dataset`."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in dataset:
+            labels = torch.tensor([row["labels"]])
+            n = int((labels[0, 1:] != -100).sum())
+            total += model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item() * n
+            count += n
+    return total / count
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "phi3"])
+def test_fused_loss_equals_transformers_loss_per_architecture(tmp_path, arch):
+    # gemma2: final logit soft-capping and tied embeddings; phi3: fused qkv; all through the varlen path
+    overrides = {"final_logit_softcapping": 5.0} if arch == "gemma2" else {}
+    model = tiny_model(arch, initializer_range=0.5, **overrides)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_eval_batch_size=3,
+        report_to="none",
+        dataset_cache_dir=False,
+        memory_policy="none",
+    )
+    trainer = SFTTrainer(model, args=args, eval_dataset=EIGHT, processing_class=tiny_tokenizer())
+    expected = hf_token_mean_loss(tiny_model(arch, initializer_range=0.5, **overrides), trainer.eval_dataset)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_peft_modules_to_save_head_is_the_one_used(tmp_path):
+    # LoRA with a trained copy of lm_head: the loss must use the copy, not the frozen original
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_eval_batch_size=4,
+        report_to="none",
+        dataset_cache_dir=False,
+        memory_policy="none",
+        use_peft=True,
+        lora_modules_to_save=["lm_head"],
+    )
+    trainer = SFTTrainer(
+        tiny_model("llama", initializer_range=0.5),
+        args=args,
+        eval_dataset=EIGHT,
+        processing_class=tiny_tokenizer(),
+    )
+    copy = trainer.model.base_model.model.lm_head.modules_to_save["default"]
+    with torch.no_grad():
+        copy.weight.mul_(2.0)  # now the copy and the original give different losses
+    expected = hf_token_mean_loss(trainer.model, trainer.eval_dataset)  # PEFT's own forward uses the copy
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    with trainer.model.disable_adapter():
+        assert hf_token_mean_loss(trainer.model, trainer.eval_dataset) != pytest.approx(expected, rel=1e-3)

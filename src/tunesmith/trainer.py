@@ -107,6 +107,13 @@ class SFTTrainer(Trainer):
                 eos_token=args.eos_token,
             )
         _set_pad_token(processing_class, args)
+        if args.chat_template is not None or args.chat_template_path is not None:
+            from tunesmith.data.templates import resolve_chat_template
+
+            # set on the tokenizer so that generation and the saved tokenizer use the template we train with
+            processing_class.chat_template = resolve_chat_template(
+                processing_class, chat_template=args.chat_template, chat_template_path=args.chat_template_path
+            )
 
         skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
         if not skip_prepare:
