@@ -336,3 +336,28 @@ def test_sample_generations_and_progress_line_callbacks(tmp_path):
     ]  # one eval, at step 2
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and lines[1].startswith("step 2/2 | loss ") and "tok/s" in lines[1]
+
+
+def test_a_collator_that_gives_only_labels_is_shifted_once(tmp_path):
+    # e.g. a user's own padding collator: labels (B, T) unshifted, attention_mask, no shift_labels
+    from tunesmith.data.collate import PaddedCollator
+
+    def labels_only(rows):
+        batch = PaddedCollator(pad_token_id=0)(rows)
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    data = FORMATS["prompt_completion"]
+    ours = SFTTrainer(
+        tiny_model("llama", initializer_range=0.5),
+        args=config(tmp_path),
+        eval_dataset=data,
+        processing_class=tiny_tokenizer(),
+    )
+    theirs = SFTTrainer(
+        tiny_model("llama", initializer_range=0.5),
+        args=config(tmp_path),
+        eval_dataset=data,
+        processing_class=tiny_tokenizer(),
+        data_collator=labels_only,
+    )
+    assert theirs.evaluate()["eval_loss"] == pytest.approx(ours.evaluate()["eval_loss"], rel=1e-5)

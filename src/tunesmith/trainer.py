@@ -175,6 +175,7 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         example_index = inputs.pop("example_index", None)
+        _ensure_shift_labels(inputs)
         shift_labels = inputs["shift_labels"]  # (B, T): next token where trained, else -100
         loss_sum, num_correct = self._loss_sum(model, inputs)
         num_supervised = (shift_labels != IGNORE_INDEX).sum()
@@ -213,6 +214,7 @@ class SFTTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         inputs.pop("example_index", None)
+        _ensure_shift_labels(inputs)
         with torch.no_grad():
             loss_sum, num_correct = self._loss_sum(model, inputs)
         num_supervised = (inputs["shift_labels"] != IGNORE_INDEX).sum()
@@ -365,6 +367,21 @@ def _final_logit_softcap(model) -> float | None:
     config = _unwrap(model).config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "final_logit_softcapping", None) or None
+
+
+def _ensure_shift_labels(inputs: dict) -> None:
+    """A user's own collator may give only `labels` (B, T): shift them once here, one document per row."""
+    if "shift_labels" in inputs:
+        return
+    if "labels" not in inputs:
+        raise ValueError(
+            "SFTTrainer: the batch has neither shift_labels nor labels; a custom data_collator must return "
+            "labels (B, T) with -100 on the tokens not trained (tunesmith.data.collate gives both)"
+        )
+    from tunesmith.data.collate import shift_labels
+
+    labels = inputs["labels"]
+    inputs["shift_labels"] = shift_labels(labels, [[labels.shape[1]]] * labels.shape[0])
 
 
 def _real_tokens(inputs: dict) -> torch.Tensor:
@@ -528,7 +545,9 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
     )
     logger.info("%s dataset: %s", name, prepared.stats)
     data = prepared.dataset
-    if hasattr(data, "add_column") and "example_index" not in (data.column_names or []):
+    import datasets
+
+    if isinstance(data, datasets.Dataset) and "example_index" not in data.column_names:
         # carried through the collator so that a non-finite loss can name the rows that caused it
         data = data.add_column("example_index", list(range(len(data))))
     return data
