@@ -30,12 +30,24 @@ _IMPLS = ("auto", "chunked", "reference", "triton")
 
 # Budget for one chunk's fp32 logits. Several tensors of this size live at once inside a chunk
 # (the input-dtype logits, the fp32 softmax/grad, its input-dtype copy for the two matmuls), so the
-# working set is about 2.5× this. 64 MB keeps that under ~200 MB, a small fraction of what the
-# plain loss needs, while chunks stay large enough (≥ 128 tokens at V = 128k) for the matmuls to
-# run near peak: on the 2-core bench machine, chunks of 128, 256 and 512 tokens were within a few
-# percent of each other (bench/RESULTS.md, "Loss alone").
+# working set is about 2× this: ~110 MB measured at V = 128k, H = 2048, against 11.2 GB for the
+# plain loss at 8,192 tokens. Smaller chunks run the matmuls below peak: on the 2-core bench machine
+# (1,024 tokens, bf16) 64-token chunks took 12-14 s per forward+backward where 130 took 10-11 s
+# in the same sweep; 130 and 256 were indistinguishable under the machine's load (6-9 s each),
+# 512 no faster and 0.3 GB bigger. So: the smallest chunk that keeps the matmuls fast.
 _CHUNK_LOGITS_BYTES = 64 * 2**20
 _MIN_CHUNK, _MAX_CHUNK = 16, 4096
+
+# How the (V, H) weight gradient is summed over chunks when the weight is bf16/fp16. Each chunk's
+# matmul accumulates in fp32 inside the kernel either way; the question is the running sum across
+# chunks. Measured against an fp64 truth (N=2048, H=256, V=32,000; bench/RESULTS.md): the plain
+# bf16 loss has a relative error of 3.5e-3 on grad_weight; summing 16-64 chunks in bf16 gives
+# 4.5e-3-4.9e-3, in fp32 3.7e-3. An fp32 sum needs a (V, H) fp32 buffer plus a (V, H) temporary per
+# chunk (1 GB + 0.5 GB at V=128k, H=2048: more than the whole rest of this loss) and a pass over
+# them per chunk, so 16-bit weights accumulate in their own dtype: within 1.4× of the plain loss's
+# own rounding error. fp32 weights (including fp32 master weights under bf16 activations)
+# accumulate in fp32. A frozen LM head (LoRA) has no weight gradient at all.
+_FP32_ACCUMULATION_FOR_16BIT_WEIGHT = False
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -247,9 +259,10 @@ class _GradInForward(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         correct = torch.zeros((), dtype=torch.long, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None  # (n, H): each row written once
-        # (V, H) accumulated over chunks. In fp32 for 16-bit weights: a bf16 running sum would round
-        # once per chunk (dozens of times at V = 128k); the matmul of each chunk still runs in bf16.
-        acc_dtype = torch.float32 if need_w and weight.dtype != torch.float32 else weight.dtype
+        # (V, H) accumulated over chunks, in the weight's dtype (see _FP32_ACCUMULATION_FOR_16BIT_WEIGHT).
+        acc_dtype = weight.dtype
+        if _FP32_ACCUMULATION_FOR_16BIT_WEIGHT and weight.dtype in (torch.bfloat16, torch.float16):
+            acc_dtype = torch.float32
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
 
@@ -268,8 +281,8 @@ class _GradInForward(torch.autograd.Function):
                 torch.mm(g, w, out=grad_h[start:stop])  # (c, V) @ (V, H)
             if grad_w is not None:
                 if acc_dtype == dtype:
-                    grad_w.addmm_(g.t(), h_c)  # (V, c) @ (c, H)
-                else:
+                    grad_w.addmm_(g.t(), h_c)  # (V, c) @ (c, H), accumulated in place
+                else:  # a (V, H) temporary per chunk: costs time and memory, hence not the default
                     grad_w += torch.mm(g.t(), h_c)
         if mean and n > 0:
             loss = loss / n
