@@ -58,3 +58,35 @@ def test_on_the_smollm2_tokenizer_only_the_answer_and_end_of_turn_are_trained(sm
         assert smollm2_tokenizer.decode(trained[:-1]) == ex["messages"][2]["content"]
         assert len(trained) == 11 and trained[-1] == end_of_turn
         assert 40 <= len(row["input_ids"]) <= 60  # short: many steps fit in the quick start's minutes
+
+
+def test_run_quickstart_wiring_on_a_tiny_model(tmp_path):
+    """The whole quick-start flow (measure, train, measure, report) on a tiny random Llama: the numbers
+    mean nothing here, the files and the table are what is checked. The real run is `tunesmith train`."""
+    from tests.test_export import build_llama, build_tokenizer
+    from tunesmith.config import load_config
+    from tunesmith.quickstart import QUICKSTART_CONFIG, run_quickstart
+
+    tok = build_tokenizer(tmp_path / "model")
+    build_llama(tmp_path / "model", tok)
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        f"model.name_or_path={tmp_path / 'model'}",
+        "max_steps=2",
+        "save_steps=2",
+        "warmup_steps=0",
+        "use_cpu=true",
+        "disable_tqdm=true",
+    ]
+    lines = []
+    result = run_quickstart(
+        config=load_config(QUICKSTART_CONFIG, overrides), num_train=24, num_heldout=3, out=lines.append
+    )
+    # a random model writes no date: 0 of 3 before; after 2 steps of training it still cannot
+    assert (result.before, result.before_any) == (0.0, 0.0)
+    assert 0.0 <= result.after <= 1.0
+    text = result.report.read_text()
+    assert "| exact match | 0.0% |" in text and "## Sample generations" in text
+    assert "| exact match | 0.0% |" in "\n".join(lines)  # the table printed on the console
+    for name in ("adapter_config.json", "checkpoint-2", "metrics.jsonl", "loss.png", "tunesmith_config.yaml"):
+        assert (tmp_path / "run" / name).exists(), name

@@ -178,7 +178,11 @@ def run_quickstart(
         config = load_config(QUICKSTART_CONFIG, overrides)
     splits = make_splits(num_train, num_heldout, seed=config.seed)
     started = time.perf_counter()
-    out(f"quick start: teaching {config.model_name_or_path} to write dates as YYYY-MM-DD")
+    from tunesmith.models.load import DEFAULT_ALIASES
+
+    shown = config.model_name_or_path
+    shown = "SmolLM2-135M-Instruct (built in)" if str(shown).lower() in DEFAULT_ALIASES else shown
+    out(f"quick start: teaching {shown} to write dates as YYYY-MM-DD")
     out(
         f"  {len(splits.train)} training examples, {len(splits.heldout)} held-out dates, output in {config.output_dir}"
     )
