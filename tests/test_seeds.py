@@ -122,7 +122,6 @@ def test_the_extractors_find_every_example():
     assert len(unsloth_blocks(UNSLOTH.read_text())) == 4  # import + three usage examples
 
 
-@pytest.mark.slow
 def test_trl_tutorial_runs(workspace, capsys):
     model_dir, data_dir = workspace
     snapshots = run_page(tutorial_blocks(TUTORIAL.read_text()), model_dir, data_dir)
@@ -136,7 +135,6 @@ def test_trl_tutorial_runs(workspace, capsys):
     assert capsys.readouterr().out.strip() != ""  # the evaluation block printed a generation
 
 
-@pytest.mark.slow
 def test_unsloth_page_runs(workspace):
     model_dir, data_dir = workspace
     trainer = run_page(unsloth_blocks(UNSLOTH.read_text()), model_dir, data_dir)[-1]["trainer"]

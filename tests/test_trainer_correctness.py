@@ -192,3 +192,26 @@ def test_peft_modules_to_save_head_is_the_one_used(tmp_path):
     assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
     with trainer.model.disable_adapter():
         assert hf_token_mean_loss(trainer.model, trainer.eval_dataset) != pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("dft", [False, True])
+def test_logits_path_for_sharded_models_equals_the_fused_loss(dft):
+    # FSDP / DeepSpeed use logits_loss_sum; it must give what the fused path gives (nll and dft)
+    from tunesmith.data.collate import PaddingFreeCollator
+    from tunesmith.ops.linear_cross_entropy import linear_cross_entropy
+    from tunesmith.trainer import final_hidden_states, lm_head_parameters, logits_loss_sum
+
+    model = tiny_model("gemma2", initializer_range=0.5, final_logit_softcapping=5.0)
+    tok = tiny_tokenizer()
+    rows = [
+        {"input_ids": tok(p + " " + c).input_ids, "labels": tok(p + " " + c).input_ids}
+        for p, c in [(e["prompt"], e["completion"]) for e in EIGHT[:3]]
+    ]
+    batch = PaddingFreeCollator()(rows)
+    plain_loss, plain_correct = logits_loss_sum(model, batch, dft=dft)
+    weight, bias = lm_head_parameters(model)
+    fused_loss, fused_correct = linear_cross_entropy(
+        final_hidden_states(model, batch), weight, batch["shift_labels"], bias=bias, softcap=5.0, dft=dft
+    )
+    assert plain_loss.item() == pytest.approx(fused_loss.item(), rel=1e-5)
+    assert int(plain_correct) == int(fused_correct)

@@ -11,6 +11,10 @@ What it adds to Trainer, and where:
 - `prediction_step` / `evaluation_loop`: eval loss weighted by tokens (independent of batch size).
 - `create_optimizer`: parameter groups (embedding learning rate, no decay on norms and biases).
 - `log`: token accuracy, tokens seen, tokens per second, supervised tokens.
+
+Under FSDP or DeepSpeed the LM head's weight is sharded outside the forward, so there the loss is
+computed from the logits the model returns (`logits_loss_sum`): the same value, without the fused
+loss's memory saving.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from transformers.training_args import OptimizerNames
 from tunesmith.callbacks import NonFiniteLossGuard, SampleGenerationCallback, SignalCheckpointCallback
 from tunesmith.config import SFTConfig, deprecation_notice
 
-__all__ = ["SFTTrainer", "UnslothTrainer", "lm_head_parameters"]
+__all__ = ["SFTTrainer", "UnslothTrainer", "final_hidden_states", "lm_head_parameters", "logits_loss_sum"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +198,10 @@ class SFTTrainer(Trainer):
 
     def _loss_sum(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of the token losses of this micro-batch (fp32) and the number of argmax hits."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            # FSDP / ZeRO-3 gather the LM head's weight only inside the model's forward, so the fused
+            # loss cannot read it from outside: let the model build the logits (more memory, same loss)
+            return logits_loss_sum(model, inputs, dft=self.args.loss_type == "dft")
         hidden = final_hidden_states(model, inputs)  # (B, T, H)
         weight, bias = lm_head_parameters(model)  # (V, H), (V,) or None
         from tunesmith.ops.linear_cross_entropy import linear_cross_entropy
@@ -328,6 +336,22 @@ def final_hidden_states(model, inputs: dict) -> torch.Tensor:
     )
     # transformers ties hidden_states[-1] to last_hidden_state (after the final norm)
     return outputs.hidden_states[-1]
+
+
+def logits_loss_sum(model, inputs: dict, dft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain path: full (B, T, V) logits from the model's forward (its soft-capping included),
+    then the summed cross-entropy against `shift_labels` and the argmax hits."""
+    forward = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}
+    logits = model(**forward, use_cache=False, return_dict=True).logits.float()  # (B, T, V)
+    targets = inputs["shift_labels"]  # (B, T)
+    per_token = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    if dft:  # each token's loss weighted by the probability of its target, without gradient through it
+        per_token = per_token * torch.exp(-per_token).detach()
+    supervised = targets != IGNORE_INDEX
+    num_correct = ((logits.argmax(-1) == targets) & supervised).sum().detach()
+    return per_token.sum(), num_correct
 
 
 def _unwrap(model) -> torch.nn.Module:
