@@ -74,6 +74,7 @@ def test_run_quickstart_wiring_on_a_tiny_model(tmp_path):
         f"model.name_or_path={tmp_path / 'model'}",
         "max_steps=2",
         "save_steps=2",
+        "logging_steps=1",
         "warmup_steps=0",
         "use_cpu=true",
         "disable_tqdm=true",
