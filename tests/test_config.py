@@ -162,3 +162,10 @@ def test_bf16_true_runs_on_a_gpu_less_machine(tmp_path):
     cfg = SFTConfig(output_dir=str(tmp_path), bf16=True)
     assert cfg.bf16 is True and cfg.use_cpu is True
     assert SFTConfig(output_dir=str(tmp_path)).bf16 is False  # the default stays off on CPU
+
+
+def test_dataset_format_help_lists_every_format_the_pipeline_knows():
+    from tunesmith.data.formats import FORMATS
+
+    help_text = config_fields()["dataset_format"].metadata["help"]
+    assert [f for f in FORMATS if f not in help_text] == []

@@ -198,8 +198,9 @@ class SFTConfig(TrainingArguments):
     dataset_format: str | None = field(
         default=None,
         metadata=_help(
-            "Force the dataset format instead of detecting it from the columns: text, prompt_completion, "
-            "prompt_response, alpaca, messages, sharegpt, tokenized.",
+            "Force the dataset format instead of detecting it from the columns: text, prompt_response, "
+            "prompt_completion, conversational_prompt_completion, alpaca, messages, sharegpt, tokenized, "
+            "formatting_func.",
             "data",
         ),
     )

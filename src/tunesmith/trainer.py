@@ -101,48 +101,14 @@ class SFTTrainer(Trainer):
         _fall_back_from_bitsandbytes(args)
 
         model = _prepare_model(model, args, peft_config)
-        if processing_class is None:
-            from tunesmith.models.load import load_tokenizer
-
-            processing_class = load_tokenizer(
-                _model_name(model),
-                trust_remote_code=args.trust_remote_code,
-                pad_token=args.pad_token,
-                eos_token=args.eos_token,
-            )
-        _set_pad_token(processing_class, args)
-        if args.chat_template is not None or args.chat_template_path is not None:
-            from tunesmith.data.templates import resolve_chat_template
-
-            # set on the tokenizer so that generation and the saved tokenizer use the template we train with
-            processing_class.chat_template = resolve_chat_template(
-                processing_class, chat_template=args.chat_template, chat_template_path=args.chat_template_path
-            )
-
+        processing_class = _prepare_tokenizer(processing_class, model, args)
         skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
         if not skip_prepare:
-            eval_packing = args.packing if args.eval_packing is None else args.eval_packing
-            train_dataset = _prepare(
-                train_dataset, processing_class, args, formatting_func, args.packing, "train"
+            train_dataset, eval_dataset = _prepare_datasets(
+                train_dataset, eval_dataset, processing_class, args, formatting_func
             )
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {
-                    name: _prepare(ds, processing_class, args, formatting_func, eval_packing, f"eval[{name}]")
-                    for name, ds in eval_dataset.items()
-                }
-            else:
-                eval_dataset = _prepare(
-                    eval_dataset, processing_class, args, formatting_func, eval_packing, "eval"
-                )
-
-        padding_free = args.padding_free is not False
         if data_collator is None:
-            data_collator = _default_collator(processing_class, args, padding_free)
-            if padding_free and args.attention in ("auto", "tunesmith_varlen"):
-                from tunesmith.ops.attention import use_varlen_attention
-
-                # packed / flattened documents must not see each other, at per-document cost
-                use_varlen_attention(model)
+            data_collator = _default_collator(model, processing_class, args)
         data_collator = _WithExampleIndex(data_collator)
 
         super().__init__(
@@ -592,12 +558,59 @@ def _pipeline_kwargs(prepare_dataset, args: SFTConfig, formatting_func, packing:
     return {k: v for k, v in values.items() if takes_all or k in params}
 
 
-def _default_collator(tokenizer, args: SFTConfig, padding_free: bool):
+def _default_collator(model, tokenizer, args: SFTConfig):
+    """Padding-free (exact, only faster) unless `padding_free=False`; padding-free batches get
+    per-document attention so that flattened or packed documents never see each other."""
     from tunesmith.data.collate import PaddedCollator, PaddingFreeCollator
 
-    if padding_free:
-        return PaddingFreeCollator()
-    return PaddedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+    if args.padding_free is False:
+        if args.packing:
+            logger.warning(
+                "packing with padding_free=False: the documents of a packed row attend to each other "
+                "(one attention mask per row); leave padding_free unset to keep them apart"
+            )
+        return PaddedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+    if args.attention in ("auto", "tunesmith_varlen"):
+        from tunesmith.ops.attention import use_varlen_attention
+
+        use_varlen_attention(model)
+    return PaddingFreeCollator()
+
+
+def _prepare_tokenizer(tokenizer, model, args: SFTConfig):
+    """The given tokenizer, or the model's; with a pad token and the configured chat template."""
+    if tokenizer is None:
+        from tunesmith.models.load import load_tokenizer
+
+        tokenizer = load_tokenizer(
+            _model_name(model),
+            trust_remote_code=args.trust_remote_code,
+            pad_token=args.pad_token,
+            eos_token=args.eos_token,
+        )
+    _set_pad_token(tokenizer, args)
+    if args.chat_template is not None or args.chat_template_path is not None:
+        from tunesmith.data.templates import resolve_chat_template
+
+        # set on the tokenizer so that generation and the saved tokenizer use the template we train with
+        tokenizer.chat_template = resolve_chat_template(
+            tokenizer, chat_template=args.chat_template, chat_template_path=args.chat_template_path
+        )
+    return tokenizer
+
+
+def _prepare_datasets(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func):
+    """Both splits through `prepare_dataset`; the eval split packed as `eval_packing` says."""
+    eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+    train_dataset = _prepare(train_dataset, tokenizer, args, formatting_func, args.packing, "train")
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {
+            name: _prepare(ds, tokenizer, args, formatting_func, eval_packing, f"eval[{name}]")
+            for name, ds in eval_dataset.items()
+        }
+    else:
+        eval_dataset = _prepare(eval_dataset, tokenizer, args, formatting_func, eval_packing, "eval")
+    return train_dataset, eval_dataset
 
 
 class _WithExampleIndex:
