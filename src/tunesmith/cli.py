@@ -252,7 +252,15 @@ def cmd_inspect(args) -> int:
     for i, row in enumerate(prepared.dataset.select(range(min(args.num, len(prepared.dataset))))):
         lengths = row.get("seq_lengths") or [len(row["input_ids"])]
         print(f"--- row {i}: {len(row['input_ids'])} tokens, {len(lengths)} document(s) {lengths}")
-        print(render_tokens(tokenizer, row["input_ids"], row["labels"], color=color))
+        start = 0
+        for d, length in enumerate(lengths):  # packed rows: each document under its own header
+            if len(lengths) > 1:
+                print(f"· document {d + 1}/{len(lengths)}, {length} tokens")
+            end = start + length
+            print(
+                render_tokens(tokenizer, row["input_ids"][start:end], row["labels"][start:end], color=color)
+            )
+            start = end
         print()
     print(prepared.stats.summary())
     print(format_histogram(prepared.stats.length_histogram))
