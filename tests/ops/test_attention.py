@@ -192,9 +192,12 @@ def test_restore_attention_and_peft_models():
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_cu_seq_lens_that_do_not_cover_the_row_are_an_error():
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_cu_seq_lens_reach_the_attention_function_and_must_cover_the_row(arch):
+    # The error can only come from inside tunesmith_varlen, so this also shows that transformers
+    # 5.23 forwards the collator's cu_seq_lens_q from model(**batch) to the attention function.
     docs, batch = packed_batch()
-    model = build(CONFIGS["llama"](), "sdpa")
+    model = build(CONFIGS[arch](), "sdpa")
     use_varlen_attention(model)
     bad = {**batch, "cu_seq_lens_q": torch.tensor([0, 5, 12], dtype=torch.int32)}  # sums to 12, row has 27
     with pytest.raises(ValueError, match="does not describe one row of 27 tokens"):

@@ -187,3 +187,11 @@ def test_bad_arguments_are_explained():
         linear_cross_entropy(hidden, weight, targets[:-1])
     with pytest.raises(NotImplementedError, match="impl='chunked'"):
         linear_cross_entropy(hidden, weight, targets, impl="triton")
+
+
+def test_second_backward_through_the_same_loss_is_a_clear_error():
+    hidden, weight, bias, targets = make(n=10, h=4, v=12)
+    loss, _ = linear_cross_entropy(hidden, weight, targets, bias=bias)
+    (loss * 2).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()

@@ -293,23 +293,30 @@ class _GradInForward(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        ctx.save_for_backward(idx, grad_h, grad_w, grad_b)
+        # Plain attributes, not save_for_backward: these are new tensors, and backward takes them over.
+        ctx.grads = (idx, grad_h, grad_w, grad_b)
         return loss, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
-        idx, grad_h, grad_w, grad_b = ctx.saved_tensors
-        # grad_loss is a scalar; skipping the multiply when it is 1 (the usual case) saves a pass
-        # over the (V, H) gradient.
-        unit = bool(grad_loss == 1.0)
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy: backward ran twice through the same loss (retain_graph=True?). Its "
+                "gradients are computed in the forward and handed over once; compute the loss again instead."
+            )
+        idx, grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None  # hand the buffers over: scaled in place, then owned by autograd (no copy)
+        # grad_loss is a scalar (e.g. 1 / supervised tokens of the step); skip the pass when it is 1.
+        scale = None if bool(grad_loss == 1.0) else grad_loss
         grad_hidden = None
         if grad_h is not None:
+            if scale is not None:
+                grad_h.mul_(scale.to(grad_h.dtype))
             grad_hidden = grad_h.new_zeros((ctx.n_rows, grad_h.shape[1]))  # ignored rows get 0
-            grad_hidden.index_copy_(0, idx, grad_h if unit else grad_h * grad_loss.to(grad_h.dtype))
-        if grad_w is not None and not unit:
-            grad_w = grad_w * grad_loss.to(grad_w.dtype)
-        if grad_b is not None and not unit:
-            grad_b = grad_b * grad_loss.to(grad_b.dtype)
+            grad_hidden.index_copy_(0, idx, grad_h)
+        for g in (grad_w, grad_b):
+            if g is not None and scale is not None:
+                g.mul_(scale.to(g.dtype))
         return grad_hidden, grad_w, grad_b, None, None, None, None, None, None
 
 
