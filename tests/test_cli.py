@@ -4,6 +4,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,15 @@ def test_generate_from_a_missing_folder_is_one_line(capsys):
         2,
         "tunesmith merge: ./no-such-run: no such folder (expected a model or adapter folder)",
     )
+
+
+def test_train_without_data_runs_the_quick_start(monkeypatch, capsys):
+    import tunesmith.quickstart
+
+    calls = []
+    monkeypatch.setattr(tunesmith.quickstart, "run_quickstart", lambda *a, **kw: calls.append((a, kw)))
+    assert main(["train", "max_steps=5"]) == 0
+    assert calls[-1] == ((["max_steps=5"],), {})  # no file: the built-in settings + overrides
+    config = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+    assert main(["train", str(config), "max_steps=7"]) == 0
+    assert calls[-1][1]["config"].max_steps == 7  # the file's settings, overrides applied

@@ -48,7 +48,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfl
     """
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models.load import load_model
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if not is_adapter_dir(adapter_dir):
@@ -63,7 +64,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfl
         logger.info("base model %s is not a local folder; loading it by name", base)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    # tunesmith's loader: the same sources as training (folders, GGUF, `default`), safetensors only
+    model = load_model(base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model.to(torch_dtype)
     output_dir.mkdir(parents=True, exist_ok=True)
