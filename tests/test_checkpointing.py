@@ -5,9 +5,9 @@ import signal
 
 import pytest
 import yaml
-from tests.tiny import tiny_model, tiny_tokenizer
 from transformers import TrainerCallback
 
+from tests.tiny import tiny_model, tiny_tokenizer
 from tunesmith import SFTConfig, SFTTrainer
 
 DATA = [
@@ -75,20 +75,24 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert curve[6] < curve[1]
 
 
-class SendSigterm(TrainerCallback):
+class SendSignal(TrainerCallback):
+    def __init__(self, signum):
+        self.signum = signum
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
-    before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_stops(tmp_path, signum):
+    before = signal.getsignal(signum)
     trainer = SFTTrainer(
         tiny_model("llama"),
         args=args(tmp_path, save_strategy="no"),
         train_dataset=DATA,
         processing_class=tiny_tokenizer(),
-        callbacks=[SendSigterm()],
+        callbacks=[SendSignal(signum)],
     )
     out = trainer.train()
     # the signal arrives at the end of step 2: that step finishes, is saved, and training stops there
@@ -96,4 +100,4 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     assert (tmp_path / "checkpoint-2" / "model.safetensors").exists()
     saved = yaml.safe_load((tmp_path / "checkpoint-2" / "tunesmith_config.yaml").read_text())
     assert saved["training"]["max_steps"] == 6
-    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored after training
+    assert signal.getsignal(signum) == before  # handlers restored after training

@@ -361,3 +361,17 @@ def test_a_collator_that_gives_only_labels_is_shifted_once(tmp_path):
         data_collator=labels_only,
     )
     assert theirs.evaluate()["eval_loss"] == pytest.approx(ours.evaluate()["eval_loss"], rel=1e-5)
+
+
+def test_streaming_dataset_trains(tmp_path):
+    from datasets import IterableDataset
+
+    stream = IterableDataset.from_generator(lambda: iter(FORMATS["prompt_completion"] * 3))
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path, max_steps=3),
+        train_dataset=stream,
+        processing_class=tiny_tokenizer(),
+    )
+    assert isinstance(trainer.train_dataset, IterableDataset)  # tokenized lazily, never materialised
+    assert trainer.train().global_step == 3

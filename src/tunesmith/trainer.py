@@ -109,6 +109,7 @@ class SFTTrainer(Trainer):
             )
         if data_collator is None:
             data_collator = _default_collator(model, processing_class, args)
+        _no_batch_dispatch_for_streams(args, train_dataset, eval_dataset)
         data_collator = _WithExampleIndex(data_collator)
 
         super().__init__(
@@ -528,15 +529,16 @@ def _set_pad_token(tokenizer, args: SFTConfig) -> None:
 def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool, name: str):
     if dataset is None:
         return None
-    from tunesmith.data.pipeline import prepare_dataset
-
-    prepared = prepare_dataset(
-        dataset, tokenizer, **_pipeline_kwargs(prepare_dataset, args, formatting_func, packing)
-    )
-    logger.info("%s dataset: %s", name, prepared.stats)
-    data = prepared.dataset
     import datasets
 
+    from tunesmith.data.pipeline import prepare_dataset
+
+    kwargs = _pipeline_kwargs(prepare_dataset, args, formatting_func, packing)
+    # an IterableDataset is tokenized (and packed) lazily, as it streams
+    kwargs["streaming"] = isinstance(dataset, datasets.IterableDataset)
+    prepared = prepare_dataset(dataset, tokenizer, **kwargs)
+    logger.info("%s dataset: %s", name, prepared.stats)
+    data = prepared.dataset
     if isinstance(data, datasets.Dataset) and "example_index" not in data.column_names:
         # carried through the collator so that a non-finite loss can name the rows that caused it
         data = data.add_column("example_index", list(range(len(data))))
@@ -575,6 +577,20 @@ def _default_collator(model, tokenizer, args: SFTConfig):
 
         use_varlen_attention(model)
     return PaddingFreeCollator()
+
+
+def _no_batch_dispatch_for_streams(args: SFTConfig, *datasets_) -> None:
+    """accelerate's default for an IterableDataset reads batches on one process and slices every
+    tensor of the batch along dim 0, which cuts the (D+1,) `cu_seq_lens` of a padding-free batch
+    to its first entry: have each process read its own shard of batches instead."""
+    import datasets
+
+    flat = [d for item in datasets_ for d in (item.values() if isinstance(item, dict) else [item])]
+    if (
+        any(isinstance(d, datasets.IterableDataset) for d in flat)
+        and args.accelerator_config.dispatch_batches is None
+    ):
+        args.accelerator_config.dispatch_batches = False
 
 
 def _prepare_tokenizer(tokenizer, model, args: SFTConfig):
