@@ -52,6 +52,13 @@ def test_callback_writes_one_json_line_per_log_event(tmp_path):
     assert series(records, "loss") == ([1, 2], [2.5, 1.5])
     assert series(records, "eval_loss") == ([2], [1.7])
 
+    # a resumed run (global_step > 0 at the start) keeps the file; a fresh one (step 0) starts over
+    MetricsCallback().on_train_begin(args, state, None)
+    assert len(read_metrics(tmp_path / METRICS_FILE)) == 4
+    MetricsCallback().on_train_begin(args, TrainerState(), None)
+    assert not (tmp_path / METRICS_FILE).exists()
+    state = log_events(MetricsCallback(), args, EVENTS)
+
     # a second process (rank > 0) writes nothing
     state.is_world_process_zero = False
     MetricsCallback().on_log(args, state, None, logs={"loss": 9.0})
@@ -93,8 +100,8 @@ def test_report_has_the_before_after_table_and_samples(tmp_path):
 def test_tensorboard_and_metrics_jsonl_from_a_tiny_run(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tests.tiny import tiny_model, tiny_tokenizer
 
+    from tests.tiny import tiny_model, tiny_tokenizer
     from tunesmith import SFTConfig, SFTTrainer
 
     data = [{"prompt": "what is the capital of france", "completion": "paris"}] * 8

@@ -38,8 +38,8 @@ PLOTS = {
 class MetricsCallback(TrainerCallback):
     """Append every log event to `output_dir/metrics.jsonl`; draw the plots when training ends.
 
-    Only the main process writes (the Trainer's logs are already reduced across processes). The
-    file is appended to, so a resumed run continues the same file.
+    Only the main process writes (the Trainer's logs are already reduced across processes). A
+    resumed run appends to the file; a fresh run in the same folder replaces it.
     """
 
     def __init__(self, output_dir: str | Path | None = None, *, plots: bool = True):
@@ -48,6 +48,12 @@ class MetricsCallback(TrainerCallback):
 
     def _folder(self, args) -> Path:
         return self.output_dir or Path(args.output_dir)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a fresh run (step 0) into a used folder starts a new file; a resumed run (step > 0) appends
+        path = self._folder(args) / METRICS_FILE
+        if state.is_world_process_zero and state.global_step == 0 and path.exists():
+            path.unlink()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
