@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith.ops._triton import lazy_kernels, use_triton
+
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "default_chunk_size"]
 
 _REDUCTIONS = ("sum", "mean", "none")
@@ -89,8 +91,10 @@ def linear_cross_entropy(
         reduction: "sum" (default: the trainer divides by the supervised tokens of the whole
             optimizer step), "mean" (over supervised tokens; 0 when there are none) or "none"
             (fp32 tensor shaped like `targets`, 0 at ignored positions).
-        impl: "chunked" (PyTorch, CPU and CUDA), "reference" (full logits + F.cross_entropy, for
-            tests), "auto" (= chunked). "triton" is not implemented yet and raises.
+        impl: "chunked" (PyTorch, CPU and CUDA), "triton" (the same chunks, with the softmax and
+            its gradient in one Triton kernel that overwrites the logits in place: no fp32 (chunk, V)
+            buffer; CUDA, or CPU under TRITON_INTERPRET=1), "reference" (full logits +
+            F.cross_entropy, for tests), "auto" (= chunked, for now).
         chunk_size: tokens per chunk; default `default_chunk_size(V)` (~64 MB of fp32 logits).
 
     Returns:
@@ -102,10 +106,6 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: reduction={reduction!r} is not one of {_REDUCTIONS}")
     if impl not in _IMPLS:
         raise ValueError(f"linear_cross_entropy: impl={impl!r} is not one of {_IMPLS}")
-    if impl == "triton":
-        raise NotImplementedError(
-            "linear_cross_entropy: impl='triton' is not implemented yet; use impl='chunked' (CPU and CUDA)"
-        )
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(
             f"linear_cross_entropy: hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: "
@@ -133,15 +133,20 @@ def linear_cross_entropy(
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be ≥ 1, got {chunk_size}")
 
+    chunk_fn = _chunk_loss_and_grad
+    # "auto" stays on the PyTorch path until the kernel has been measured on a GPU (none was lent
+    # while writing it; it is tested under the interpreter only).
+    if impl == "triton" and use_triton(impl, "linear_cross_entropy", hidden, weight):
+        chunk_fn = _chunk_loss_and_grad_triton
     h2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     flat_targets = targets.reshape(-1)  # (N,)
     if reduction == "none":
         loss, correct = _RecomputeInBackward.apply(
-            h2d, weight, bias, flat_targets, ignore_index, softcap, dft, chunk_size
+            h2d, weight, bias, flat_targets, ignore_index, softcap, dft, chunk_size, chunk_fn
         )
         return loss.view(targets.shape), correct
     return _GradInForward.apply(
-        h2d, weight, bias, flat_targets, ignore_index, softcap, dft, reduction == "mean", chunk_size
+        h2d, weight, bias, flat_targets, ignore_index, softcap, dft, reduction == "mean", chunk_size, chunk_fn
     )
 
 
@@ -223,6 +228,96 @@ def _chunk_loss_and_grad(
     return loss, correct, grad
 
 
+def _chunk_loss_and_grad_triton(h, weight, bias, t, softcap, dft, want_grad, row_scale):
+    """`_chunk_loss_and_grad` with the part after the matmul in one Triton kernel: it reads the
+    (c, V) logits twice (log-sum-exp, then gradient) and writes the gradient over them in the input
+    dtype, so the chunk needs no fp32 (c, V) buffer. One program per token."""
+    kernel = _kernels()
+    logits = F.linear(h, weight, bias).contiguous()  # (c, V), input dtype; becomes the gradient
+    c, v = logits.shape
+    loss = torch.empty(c, dtype=torch.float32, device=h.device)
+    hits = torch.empty(c, dtype=torch.int32, device=h.device)
+    scale_rows = isinstance(row_scale, torch.Tensor)
+    scalar = 1.0 if row_scale is None or scale_rows else float(row_scale)
+    rows = row_scale.float().contiguous() if scale_rows else loss  # unused pointer when not scale_rows
+    kernel[(c,)](
+        logits, logits.stride(0), t.contiguous(), loss, hits, rows, v,
+        scalar, softcap if softcap is not None else 1.0,
+        SOFTCAP=softcap is not None, DFT=dft, WANT_GRAD=want_grad, SCALE_ROWS=scale_rows,
+        BLOCK=min(4096, 1 << max(4, (v - 1).bit_length())),
+    )  # fmt: skip
+    return loss, hits.sum(), logits if want_grad else None
+
+
+@lazy_kernels
+def _kernels():
+    # `tl` must be a module global: the interpreter finds triton.language through the kernel's
+    # __globals__ when it runs on CPU tensors.
+    global tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ce_chunk(
+        LOGITS, stride, TARGETS, LOSS, HITS, ROW_SCALE, n_cols, scale, cap,
+        SOFTCAP: tl.constexpr, DFT: tl.constexpr, WANT_GRAD: tl.constexpr, SCALE_ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        base = LOGITS + row * stride
+        target = tl.load(TARGETS + row)
+        cols = tl.arange(0, BLOCK)
+        # pass 1: running max and sum of exp (online softmax), and the first argmax of the logits
+        m = -float("inf")
+        s = 0.0
+        best = -float("inf")
+        best_idx = 0
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            x = tl.load(base + start + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            block_best = tl.max(x, axis=0)
+            block_idx = tl.argmax(x, axis=0) + start
+            if block_best > best:
+                best = block_best
+                best_idx = block_idx
+            z = x
+            if SOFTCAP:  # cap * tanh(x / cap), tanh written with exp (no libdevice in the interpreter)
+                z = (1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0)) * cap
+            z = tl.where(mask, z, -float("inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        z_t = tl.load(base + target).to(tl.float32)
+        if SOFTCAP:
+            z_t = (1.0 - 2.0 / (tl.exp(2.0 * z_t / cap) + 1.0)) * cap
+        loss = lse - z_t
+        g_scale = scale
+        if SCALE_ROWS:
+            g_scale = tl.load(ROW_SCALE + row)
+        if DFT:
+            p_t = tl.exp(-loss)  # the target's probability, a constant for the gradient
+            loss = loss * p_t
+            g_scale = g_scale * p_t
+        tl.store(LOSS + row, loss)
+        tl.store(HITS + row, (best_idx == target).to(tl.int32))
+        if WANT_GRAD:
+            # pass 2: d loss / d logits = (softmax - onehot) * scale (* (1 - tanh²)), over the logits
+            for start in range(0, n_cols, BLOCK):
+                mask = start + cols < n_cols
+                x = tl.load(base + start + cols, mask=mask, other=0.0).to(tl.float32)
+                if SOFTCAP:
+                    th = 1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0)
+                    g = tl.exp(th * cap - lse) * (1.0 - th * th)  # d(cap·tanh(x/cap))/dx = 1 - tanh²
+                    g = g - tl.where(start + cols == target, 1.0 - th * th, 0.0)
+                else:
+                    g = tl.exp(x - lse) - tl.where(start + cols == target, 1.0, 0.0)
+                g = g * g_scale
+                tl.store(base + start + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
+
+    return ce_chunk
+
+
 def _supervised(
     h2d: torch.Tensor,
     weight: torch.Tensor,
@@ -248,7 +343,7 @@ class _GradInForward(torch.autograd.Function):
     """reduction "sum"/"mean": gradients are finished in the forward; backward scales them."""
 
     @staticmethod
-    def forward(ctx, h2d, weight, bias, targets, ignore_index, softcap, dft, mean, chunk_size):
+    def forward(ctx, h2d, weight, bias, targets, ignore_index, softcap, dft, mean, chunk_size, chunk_fn):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         want_grad = need_h or need_w or need_b
@@ -269,13 +364,13 @@ class _GradInForward(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             h_c, t_c = h[start:stop], t[start:stop]
-            loss_c, correct_c, g = _chunk_loss_and_grad(h_c, w, b, t_c, softcap, dft, want_grad, scale)
+            loss_c, correct_c, g = chunk_fn(h_c, w, b, t_c, softcap, dft, want_grad, scale)
             loss += loss_c.sum()
             correct += correct_c
             if not want_grad:
                 continue
             if grad_b is not None:
-                grad_b += g.sum(0)
+                grad_b += g.sum(0, dtype=torch.float32)
             g = g.to(dtype)  # (c, V) in the matmul dtype
             if grad_h is not None:
                 torch.mm(g, w, out=grad_h[start:stop])  # (c, V) @ (V, H)
@@ -317,7 +412,7 @@ class _GradInForward(torch.autograd.Function):
         for g in (grad_w, grad_b):
             if g is not None and scale is not None:
                 g.mul_(scale.to(g.dtype))
-        return grad_hidden, grad_w, grad_b, None, None, None, None, None, None
+        return grad_hidden, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class _RecomputeInBackward(torch.autograd.Function):
@@ -326,15 +421,13 @@ class _RecomputeInBackward(torch.autograd.Function):
     logits in the backward (one extra matmul per chunk)."""
 
     @staticmethod
-    def forward(ctx, h2d, weight, bias, targets, ignore_index, softcap, dft, chunk_size):
+    def forward(ctx, h2d, weight, bias, targets, ignore_index, softcap, dft, chunk_size, chunk_fn):
         idx, h, t, w, b = _supervised(h2d, weight, bias, targets, ignore_index)
         per_token = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)  # (N,)
         correct = torch.zeros((), dtype=torch.long, device=h.device)
         for start in range(0, t.shape[0], chunk_size):
             stop = min(start + chunk_size, t.shape[0])
-            loss_c, correct_c, _ = _chunk_loss_and_grad(
-                h[start:stop], w, b, t[start:stop], softcap, dft, False, None
-            )
+            loss_c, correct_c, _ = chunk_fn(h[start:stop], w, b, t[start:stop], softcap, dft, False, None)
             per_token[idx[start:stop]] = loss_c
             correct += correct_c
         ctx.mark_non_differentiable(correct)
@@ -345,13 +438,14 @@ class _RecomputeInBackward(torch.autograd.Function):
             h2d.shape[0],
             weight.dtype,
             None if bias is None else bias.dtype,
+            chunk_fn,
         )
         ctx.save_for_backward(idx, h, t, weight, bias)
         return per_token, correct
 
     @staticmethod
     def backward(ctx, grad_per_token, _grad_correct):
-        softcap, dft, chunk_size, n_rows, w_dtype, b_dtype = ctx.args
+        softcap, dft, chunk_size, n_rows, w_dtype, b_dtype, chunk_fn = ctx.args
         idx, h, t, weight, bias = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -364,18 +458,18 @@ class _RecomputeInBackward(torch.autograd.Function):
         for start in range(0, t.shape[0], chunk_size):
             stop = min(start + chunk_size, t.shape[0])
             h_c = h[start:stop]
-            _, _, g = _chunk_loss_and_grad(h_c, w, b, t[start:stop], softcap, dft, True, g_rows[start:stop])
+            _, _, g = chunk_fn(h_c, w, b, t[start:stop], softcap, dft, True, g_rows[start:stop])
             if grad_b is not None:
-                grad_b += g.sum(0)
+                grad_b += g.sum(0, dtype=torch.float32)
             g = g.to(dtype)
             if grad_h is not None:
                 torch.mm(g, w, out=grad_h[start:stop])
             if grad_w is not None:
-                grad_w += torch.mm(g.t(), h_c).float()
+                grad_w += torch.mm(g.t(), h_c)
         grad_hidden = None
         if grad_h is not None:
             grad_hidden = grad_h.new_zeros((n_rows, h.shape[1]))
             grad_hidden.index_copy_(0, idx, grad_h)
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
         grad_b = None if grad_b is None else grad_b.to(b_dtype)
-        return grad_hidden, grad_w, grad_b, None, None, None, None, None
+        return grad_hidden, grad_w, grad_b, None, None, None, None, None, None
