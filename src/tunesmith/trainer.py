@@ -537,7 +537,7 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
     # an IterableDataset is tokenized (and packed) lazily, as it streams
     kwargs["streaming"] = isinstance(dataset, datasets.IterableDataset)
     prepared = prepare_dataset(dataset, tokenizer, **kwargs)
-    logger.info("%s dataset: %s", name, prepared.stats)
+    logger.debug("%s dataset: %s", name, prepared.stats)
     data = prepared.dataset
     if isinstance(data, datasets.Dataset) and "example_index" not in data.column_names:
         # carried through the collator so that a non-finite loss can name the rows that caused it
