@@ -375,3 +375,24 @@ def test_streaming_dataset_trains(tmp_path):
     )
     assert isinstance(trainer.train_dataset, IterableDataset)  # tokenized lazily, never materialised
     assert trainer.train().global_step == 3
+
+
+@pytest.mark.parametrize(
+    "optim, expected", [("adamw_torch", "AdamW"), ("adafactor", "Adafactor"), ("sgd", "SGD")]
+)
+def test_optimizers_through_optim_keep_the_parameter_groups(tmp_path, optim, expected):
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path, optim=optim, learning_rate=1e-3, embedding_learning_rate=1e-4, max_steps=1),
+        train_dataset=FORMATS["prompt_completion"],
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    assert (
+        type(
+            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+        ).__name__
+        == expected
+    )
+    lrs = {g["name"]: g["initial_lr"] for g in trainer.optimizer.param_groups}
+    assert lrs["embedding"] == 1e-4 and lrs["decay"] == 1e-3
