@@ -139,6 +139,8 @@ def test_unsloth_page_runs(workspace):
     model_dir, data_dir = workspace
     trainer = run_page(unsloth_blocks(UNSLOTH.read_text()), model_dir, data_dir)[-1]["trainer"]
     assert trainer.state.global_step == 2
+    # the last example passes no max_seq_length to the trainer: it comes from FastLanguageModel's 2048
+    assert trainer.args.max_length == 2048
     # the last example: embeddings and LM head trained at their own learning rate
     lrs = {g["name"]: g["initial_lr"] for g in trainer.optimizer.param_groups}  # "lr" has decayed to 0
     assert lrs["embedding"] == 5e-5 and lrs["decay"] == 2e-4
