@@ -142,6 +142,12 @@ class SFTTrainer(Trainer):
         self._total_supervised = 0
         self._eval_totals: torch.Tensor | None = None
 
+    def train(self, *args, **kwargs):
+        # tokens/s counts from the first step, not from the trainer's construction
+        self._window.reset()
+        self._window_start = time.perf_counter()
+        return super().train(*args, **kwargs)
+
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
