@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 from tests.tiny import ARCHS, tiny_model  # noqa: E402
 from tunesmith.ops._triton import interpreter_ready  # noqa: E402
-from tunesmith.ops.apply import KINDS, optimize, optimized_kinds, unoptimize  # noqa: E402
+from tunesmith.ops.apply import KERNEL_KINDS, optimize, optimized_kinds, unoptimize  # noqa: E402
 from tunesmith.ops.rms_norm import RMSNorm  # noqa: E402
 from tunesmith.ops.swiglu import GatedMLP  # noqa: E402
 
@@ -48,7 +48,7 @@ def test_reference_swaps_leave_logits_and_grads_bit_identical_and_are_reversible
     keys = list(model.state_dict())
     params = dict(model.named_parameters())
 
-    report = optimize(model, impl="reference", swaps=KINDS)
+    report = optimize(model, impl="reference", swaps=KERNEL_KINDS)
 
     # 2 layers: 2 MLPs, 2 attentions; 5 norms (2 per layer + final), more for Gemma2 and q/k norms
     assert dict(report.swapped) == expected == dict(optimized_kinds(model))
@@ -61,7 +61,7 @@ def test_reference_swaps_leave_logits_and_grads_bit_identical_and_are_reversible
     assert after[1].keys() == before[1].keys()
     assert all(torch.equal(after[1][n], before[1][n]) for n in before[1])
 
-    assert optimize(model, impl="reference", swaps=KINDS).total == 0  # already swapped
+    assert optimize(model, impl="reference", swaps=KERNEL_KINDS).total == 0  # already swapped
     assert unoptimize(model) == sum(expected.values())
     assert [type(m) for m in model.modules()] == classes
     assert torch.equal(_logits_and_grads(model)[0], before[0])
@@ -74,7 +74,7 @@ def test_triton_swaps_match_under_the_interpreter(arch):
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run with TRITON_INTERPRET=1")
     model = tiny_model(arch)
     before = _logits_and_grads(model)
-    optimize(model, impl="triton", swaps=KINDS)
+    optimize(model, impl="triton", swaps=KERNEL_KINDS)
     after = _logits_and_grads(model)
     # fp32 kernels round differently from the torch ops (one rounding per fused op): ~1e-6
     torch.testing.assert_close(after[0], before[0], atol=1e-4, rtol=1e-4)
@@ -96,11 +96,11 @@ def test_peft_lora_model(order):
     before = _logits_and_grads(reference)
     if order == "lora_then_optimize":
         model = _lora(tiny_model("llama"))
-        report = optimize(model, impl="reference", swaps=KINDS)
+        report = optimize(model, impl="reference", swaps=KERNEL_KINDS)
         assert dict(report.swapped) == {"rms_norm": 5, "mlp": 2, "rope": 2}
     else:
         base = tiny_model("llama")
-        optimize(base, impl="reference", swaps=KINDS)
+        optimize(base, impl="reference", swaps=KERNEL_KINDS)
         model = _lora(base)
     mlp = model.base_model.model.model.layers[0].mlp
     assert isinstance(mlp, GatedMLP) and type(mlp.gate_proj).__name__ == "Linear"  # peft's lora.Linear
@@ -122,12 +122,12 @@ def test_generation_with_cache_is_unchanged():
     model = tiny_model("qwen3")
     prompt = INPUT_IDS[:1]
     expected = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    optimize(model, impl="reference", swaps=KINDS)
+    optimize(model, impl="reference", swaps=KERNEL_KINDS)
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), expected)
 
 
-def test_default_on_cpu_swaps_nothing_and_says_why(caplog):
-    model = tiny_model("llama")
+def test_default_on_cpu_swaps_no_kernel_module_and_says_why(caplog):
+    model = tiny_model("llama")  # no LoRA layers, so the CPU default ("lora" only) finds nothing
     with caplog.at_level(logging.INFO, logger="tunesmith.ops.apply"):
         report = optimize(model)
     assert report.total == 0 and optimized_kinds(model) == {}
@@ -144,7 +144,7 @@ def test_unknown_architecture_runs_unchanged_with_one_log_line(caplog):
         )
     )
     with caplog.at_level(logging.INFO, logger="tunesmith.ops.apply"):
-        report = optimize(model, swaps=KINDS)
+        report = optimize(model, swaps=KERNEL_KINDS)
     assert report.total == 0 and "gpt2" in str(report)
     ours = [r.message for r in caplog.records if r.name == "tunesmith.ops.apply"]
     assert ours == ["optimize: gpt2 is not a known architecture; the model runs unchanged"]
@@ -162,7 +162,7 @@ def test_swapped_norm_holds_the_same_parameter():
 
 def test_mlp_with_an_activation_we_have_no_kernel_for_is_left_alone():
     model = tiny_model("llama", hidden_act="relu")
-    report = optimize(model, impl="reference", swaps=KINDS)
+    report = optimize(model, impl="reference", swaps=KERNEL_KINDS)
     assert report.swapped["mlp"] == 0 and report.swapped["rms_norm"] == 5
     assert report.skipped == {"LlamaMLP": "activation ReLU has no fused kernel"}
     assert str(report).splitlines() == [

@@ -129,3 +129,16 @@ def test_layers_with_dropout_are_left_to_peft():
     model = tiny_lora_model(torch.float32, dropout=0.1)
     swaps, skipped = swap_lora_linears(model)
     assert swaps == [] and skipped == {"lora_dropout > 0": 14}
+
+
+def test_optimize_swaps_lora_layers_on_cpu_by_default_and_unoptimize_restores():
+    from tunesmith.ops.apply import DEFAULT_SWAPS, optimize, optimized_kinds, unoptimize
+
+    model = tiny_lora_model(torch.float32)
+    keys = list(model.state_dict())
+    assert DEFAULT_SWAPS["cpu"] == ("lora",)  # measured faster on CPU: bench/RESULTS.md, "LoRA linear"
+    report = optimize(model)  # the model is on the CPU
+    assert report.swapped == {"lora": 14} and optimized_kinds(model) == {"lora": 14}
+    assert list(model.state_dict()) == keys
+    assert unoptimize(model) == 14
+    assert not any(isinstance(m, FastLoraLinear) for m in model.modules())

@@ -6,6 +6,9 @@ What is swapped, for the architectures we know (Llama, Mistral, Qwen2, Qwen3, Ge
   (state_dict keys and optimizer state unchanged).
 - "mlp":       every gated MLP -> `ops.swiglu.GatedMLP` holding the *same* projection modules (so
   LoRA-wrapped linears keep working, whether PEFT wraps them before or after).
+- "lora":      every plain PEFT LoRA linear -> `ops.lora.FastLoraLinear`, a subclass of PEFT's
+  layer sharing its weights, whose low-rank path runs in the activation dtype (no fp32 copy
+  of each input). Applies to any architecture.
 - "rope":      every attention module -> a copy of it whose class is a subclass of the original
   and whose forward uses `ops.rope.apply_rope` and then the model's configured attention
   function (transformers' ALL_ATTENTION_FUNCTIONS), exactly as the original forward does. The
@@ -13,8 +16,8 @@ What is swapped, for the architectures we know (Llama, Mistral, Qwen2, Qwen3, Ge
 
 Nothing is patched: no class, function or `forward` of transformers is changed; `unoptimize`
 puts the original module objects back. What helps depends on the device (see `DEFAULT_SWAPS`,
-measured in bench/RESULTS.md, "Kernels"): on CUDA all three (Triton kernels); on the CPU none,
-because our modules can only run the same PyTorch ops there and add a little Python per call.
+measured in bench/RESULTS.md, "Kernels"): on CUDA all of them (Triton kernels); on the CPU only
+"lora", because the kernel modules can only run the same PyTorch ops there.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from tunesmith.ops.swiglu import GatedMLP
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("rms_norm", "mlp", "rope")
+# module kinds with a fused kernel, and "lora": PEFT LoRA linears -> ops.lora.FastLoraLinear (no
+# fp32 input casts; architecture-independent, so it applies to any model)
+KERNEL_KINDS = ("rms_norm", "mlp", "rope")
+KINDS = (*KERNEL_KINDS, "lora")
 
 # model_type values (config.model_type) whose modules we know; anything else runs unchanged
 KNOWN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3")
@@ -99,7 +105,7 @@ _ATTENTIONS = {
 }
 
 # Which swaps pay off on each device type (bench/RESULTS.md, "Kernels"). CPU: none, measured.
-DEFAULT_SWAPS = {"cuda": ("rms_norm", "mlp", "rope"), "cpu": ()}
+DEFAULT_SWAPS = {"cuda": KINDS, "cpu": ("lora",)}
 
 
 class _RopeAttention:
@@ -276,22 +282,31 @@ def optimize(
         report.skipped["all"] = "kernels=False"
         log("optimize: kernels=False, the model runs unchanged")
         return report
-    if report.model_type not in KNOWN_MODEL_TYPES:
-        report.skipped["all"] = (
-            f"model_type {report.model_type!r} is not one we know ({', '.join(KNOWN_MODEL_TYPES)})"
-        )
-        log("optimize: %s is not a known architecture; the model runs unchanged", report.model_type)
-        return report
     if swaps is None:
         swaps = DEFAULT_SWAPS.get(device, ())
         if device == "cuda" and impl == "auto" and not triton_installed():
             swaps = ()
             report.skipped["all"] = "triton is not installed (pip install 'tunesmith[gpu]')"
-        elif not swaps:
-            report.skipped["all"] = f"on {device} the PyTorch modules are as fast (bench/RESULTS.md, Kernels)"
+        elif not set(swaps) & set(KERNEL_KINDS):
+            report.skipped["kernels"] = (
+                f"on {device} the PyTorch modules are as fast (bench/RESULTS.md, Kernels)"
+            )
     unknown = set(swaps) - set(KINDS)
     if unknown:
         raise ValueError(f"optimize: unknown swaps {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    if report.model_type not in KNOWN_MODEL_TYPES and set(swaps) & set(KERNEL_KINDS):
+        report.skipped["all"] = (
+            f"model_type {report.model_type!r} is not one we know ({', '.join(KNOWN_MODEL_TYPES)})"
+        )
+        swaps = tuple(kind for kind in swaps if kind not in KERNEL_KINDS)
+        if not swaps:
+            log("optimize: %s is not a known architecture; the model runs unchanged", report.model_type)
+            return report
+    lora_blocker = None
+    if "lora" in swaps:
+        from tunesmith.ops.lora import FastLoraLinear, PeftLoraLinear, _fast_path_blocker
+
+        lora_blocker = _fast_path_blocker
 
     plan: list[tuple[nn.Module, str, nn.Module, nn.Module, str]] = []
     for parent in model.modules():
@@ -308,6 +323,12 @@ def optimize(
                 plan.append((parent, name, child, _new_mlp(child, activation, impl), "mlp"))
             elif cls in _ATTENTIONS and "rope" in swaps and not hasattr(child, "_tunesmith_original"):
                 plan.append((parent, name, child, _new_attention(child, impl), "rope"))
+            elif lora_blocker is not None and type(child) is PeftLoraLinear:
+                reason = lora_blocker(child)
+                if reason is None:
+                    plan.append((parent, name, child, FastLoraLinear.from_peft(child), "lora"))
+                else:
+                    report.skipped["lora"] = reason
     for parent, name, original, new, kind in plan:
         _swap(parent, name, original, new)
         report.swapped[kind] += 1
@@ -349,7 +370,17 @@ def optimized_kinds(model: nn.Module) -> Counter:
             counts["mlp"] += 1
         elif isinstance(module, _RopeAttention):
             counts["rope"] += 1
+        elif type(module).__name__ == "FastLoraLinear":
+            counts["lora"] += 1
     return counts
 
 
-__all__ = ["DEFAULT_SWAPS", "KINDS", "OptimizeReport", "optimize", "optimized_kinds", "unoptimize"]
+__all__ = [
+    "DEFAULT_SWAPS",
+    "KERNEL_KINDS",
+    "KINDS",
+    "OptimizeReport",
+    "optimize",
+    "optimized_kinds",
+    "unoptimize",
+]
