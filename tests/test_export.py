@@ -185,6 +185,12 @@ def test_merge_adapter_gives_plain_transformers_model(tmp_path):
     rounded = logits(rounded_copy(merged32, torch.bfloat16, only_2d=False), tok)
     assert (logits(merged16, tok) - rounded).abs().max() / scale < 1e-5
 
+    # export straight from the adapter folder: merged in float32 first, then rounded once to f16
+    export_gguf(tmp_path / "adapter", tmp_path / "adapter.gguf", type="f16")
+    from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="adapter.gguf", dtype=torch.float32)
+    rounded = logits(rounded_copy(merged32, torch.float16), tok)
+    assert (logits(from_gguf.eval(), tok) - rounded).abs().max() / scale < 1e-4
+
 
 def base_without_adapter(folder):
     from transformers import AutoModelForCausalLM
