@@ -396,3 +396,23 @@ def test_optimizers_through_optim_keep_the_parameter_groups(tmp_path, optim, exp
     )
     lrs = {g["name"]: g["initial_lr"] for g in trainer.optimizer.param_groups}
     assert lrs["embedding"] == 1e-4 and lrs["decay"] == 1e-3
+
+
+def test_compute_metrics_gets_logits_and_labels(tmp_path):
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["logits"], seen["labels"] = prediction.predictions.shape, prediction.label_ids.shape
+        return {"rows": float(prediction.label_ids.shape[0])}
+
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path, per_device_eval_batch_size=2),
+        eval_dataset=FORMATS["prompt_completion"],
+        processing_class=tiny_tokenizer(),
+        compute_metrics=compute_metrics,
+    )
+    metrics = trainer.evaluate()
+    # padding-free eval batches are one row each: 2 batches of 2 examples -> 2 rows, vocab 256
+    assert metrics["eval_rows"] == 2.0 and seen["logits"][0] == 2 and seen["logits"][2] == 256
+    assert seen["labels"][:2] == seen["logits"][:2] and "eval_loss" in metrics
