@@ -71,6 +71,12 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert sorted(after) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert after[step] == pytest.approx(curve[step], rel=1e-5), step
+    # the running token counts continue from the checkpoint too
+    assert resumed.state.log_history[-2]["num_tokens"] == full.state.log_history[-2]["num_tokens"]
+    assert (
+        resumed.state.log_history[-2]["num_supervised_tokens"]
+        == full.state.log_history[-2]["num_supervised_tokens"]
+    )
     # and the curve moved (the test would notice a resume that restarted from scratch)
     assert curve[6] < curve[1]
 

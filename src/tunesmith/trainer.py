@@ -138,8 +138,6 @@ class SFTTrainer(Trainer):
             self.add_callback(SampleGenerationCallback(args.sample_prompts, args.sample_max_new_tokens))
         self._window = _TokenCounters(self.args.device)
         self._window_start = time.perf_counter()
-        self._total_tokens = 0
-        self._total_supervised = 0
         self._eval_totals: torch.Tensor | None = None
 
     def train(self, *args, **kwargs):
@@ -265,11 +263,11 @@ class SFTTrainer(Trainer):
                 self._window.totals(), "sum"
             ).tolist()
             now = time.perf_counter()
-            self._total_tokens += int(tokens)
-            self._total_supervised += int(supervised)
+            # running totals continue from the last log (also the one restored from a checkpoint)
+            last = next((e for e in reversed(self.state.log_history) if "num_tokens" in e), {})
             logs["mean_token_accuracy"] = correct / supervised if supervised else 0.0
-            logs["num_tokens"] = self._total_tokens
-            logs["num_supervised_tokens"] = self._total_supervised
+            logs["num_tokens"] = last.get("num_tokens", 0) + int(tokens)
+            logs["num_supervised_tokens"] = last.get("num_supervised_tokens", 0) + int(supervised)
             logs["tokens_per_second"] = round(tokens / max(now - self._window_start, 1e-9), 2)
             self._window.reset()
             self._window_start = now
