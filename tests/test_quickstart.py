@@ -60,13 +60,16 @@ def test_on_the_smollm2_tokenizer_only_the_answer_and_end_of_turn_are_trained(sm
         assert 40 <= len(row["input_ids"]) <= 60  # short: many steps fit in the quick start's minutes
 
 
-def test_run_quickstart_wiring_on_a_tiny_model(tmp_path):
+def test_run_quickstart_wiring_on_a_tiny_model(tmp_path, monkeypatch):
     """The whole quick-start flow (measure, train, measure, report) on a tiny random Llama: the numbers
     mean nothing here, the files and the table are what is checked. The real run is `tunesmith train`."""
+    import tunesmith.quickstart
     from tests.test_export import build_llama, build_tokenizer
     from tunesmith.config import load_config
     from tunesmith.quickstart import QUICKSTART_CONFIG, run_quickstart
 
+    # leave the test process's torch thread count alone
+    monkeypatch.setattr(tunesmith.quickstart, "threads_for_a_busy_cpu", lambda out: None)
     tok = build_tokenizer(tmp_path / "model")
     build_llama(tmp_path / "model", tok)
     overrides = [
@@ -91,3 +94,23 @@ def test_run_quickstart_wiring_on_a_tiny_model(tmp_path):
     assert "| exact match | 0.0% |" in "\n".join(lines)  # the table printed on the console
     for name in ("adapter_config.json", "checkpoint-2", "metrics.jsonl", "loss.png", "tunesmith_config.yaml"):
         assert (tmp_path / "run" / name).exists(), name
+
+
+def test_one_thread_only_when_the_cpu_is_oversubscribed(monkeypatch):
+    import os
+
+    import torch
+
+    from tunesmith.quickstart import threads_for_a_busy_cpu
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert threads_for_a_busy_cpu(out=lambda _: None) is None and chosen == []  # load below the 2 cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 5.0, 4.0))
+    assert threads_for_a_busy_cpu(out=lambda _: None) == 1 and chosen == [1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's explicit choice wins
+    assert threads_for_a_busy_cpu(out=lambda _: None) is None and chosen == [1]

@@ -153,6 +153,27 @@ def evaluate(
     return exact_match(predictions, references), contains_answer(predictions, references), predictions
 
 
+def threads_for_a_busy_cpu(out=print) -> int | None:
+    """Use one torch thread when other processes already keep every core busy; return the count set.
+
+    torch's OpenMP threads wait for each other by spinning, and on an oversubscribed CPU that costs
+    far more than it gains: on this project's shared 2-core machine (load average 10) a 60-token
+    forward of the default model took 30 s with 2 threads and 0.6 s with 1. An explicit
+    OMP_NUM_THREADS is the user's choice and is left alone; so is an idle machine.
+    """
+    import os
+
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() == 1:
+        return None
+    if os.getloadavg()[0] < (os.cpu_count() or 1):
+        return None
+    torch.set_num_threads(1)
+    out("  the CPU is busy with other processes: using 1 thread (set OMP_NUM_THREADS to choose)")
+    return 1
+
+
 def run_quickstart(
     overrides: Sequence[str] = (),
     *,
@@ -186,6 +207,7 @@ def run_quickstart(
     out(
         f"  {len(splits.train)} training examples, {len(splits.heldout)} held-out dates, output in {config.output_dir}"
     )
+    threads_for_a_busy_cpu(out)
     tokenizer = load_tokenizer(config.model_name_or_path)
     model = load_model(config.model_name_or_path, dtype=config.model_dtype)
 
