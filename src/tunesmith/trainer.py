@@ -275,17 +275,11 @@ class SFTTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Write the adapter (LoRA) or the full model, the tokenizer with its chat template, and the
-        resolved config (`tunesmith_config.yaml`) to `output_dir` (default `args.output_dir`)."""
+        resolved config (`tunesmith_config.yaml`) to `output_dir` (default `args.output_dir`).
+        Trainer calls this for every checkpoint too, so each checkpoint folder holds its config."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.args.save_resolved(output_dir or self.args.output_dir)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        # the resolved config next to every checkpoint (save_model above writes it into the checkpoint
-        # folder too; this keeps the run folder's copy current)
-        if self.args.should_save:
-            self.args.save_resolved(self.args.output_dir)
 
 
 UnslothTrainer = SFTTrainer
