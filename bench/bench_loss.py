@@ -13,7 +13,8 @@ is not a contender here.
 Each contender runs in its own fresh process (so one's allocations cannot hide in the other's
 peak), contenders alternate, and each process reports:
     time        median over `--repeats` forward+backward calls (the first call included: at this
-                size a call is tens of seconds and allocation is a small part of it)
+                size a call is tens of seconds and allocation is a small part of it), as wall
+                time and as the process's CPU time (all threads; steadier on a shared machine)
     extra peak  ru_maxrss (the process's resident high-water mark) after the calls, minus the
                 resident size after building the inputs (hidden, weight, targets; created
                 directly in the benchmark dtype so that setup leaves no higher transient peak).
@@ -27,6 +28,7 @@ tunesmith_varlen (causal sdpa per group of equal-length documents).
 
     .venv/bin/python bench/bench_loss.py                        # bf16, full size
     .venv/bin/python bench/bench_loss.py --dtype fp32 --tokens 2048
+    .venv/bin/python bench/bench_loss.py --frozen-weight          # the LoRA case
     .venv/bin/python bench/bench_loss.py --attention
 """
 
@@ -70,13 +72,13 @@ def loss_child(args) -> None:
     targets = torch.randint(0, args.vocab, (args.tokens,), generator=g)
     targets[::10] = -100  # 10% unsupervised, as prompt tokens would be
     hidden.requires_grad_()
-    weight.requires_grad_()
+    weight.requires_grad_(not args.frozen_weight)  # frozen: an LM head under LoRA
     baseline = rss_bytes()
 
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
         hidden.grad = weight.grad = None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if args.contender == "plain":
             logits = torch.nn.functional.linear(hidden, weight)
             loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
@@ -85,10 +87,16 @@ def loss_child(args) -> None:
             loss, _ = linear_cross_entropy(hidden, weight, targets, chunk_size=args.chunk_size)
         loss.backward()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         del loss
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    torch.save({"grad_hidden": hidden.grad, "grad_weight": weight.grad[:GRAD_W_ROWS].clone()}, args.grads_out)
-    print(json.dumps({"times": times, "extra_peak": peak - baseline, "baseline": baseline}))
+    grad_w = torch.zeros(1) if weight.grad is None else weight.grad[:GRAD_W_ROWS].clone()
+    torch.save({"grad_hidden": hidden.grad, "grad_weight": grad_w}, args.grads_out)
+    print(
+        json.dumps(
+            {"times": times, "cpu_times": cpu_times, "extra_peak": peak - baseline, "baseline": baseline}
+        )
+    )
 
 
 def run_loss(args) -> None:
@@ -114,6 +122,8 @@ def run_loss(args) -> None:
                 "--threads",
                 str(args.threads),
             ]
+            if args.frozen_weight:
+                cmd += ["--frozen-weight"]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -126,26 +136,32 @@ def run_loss(args) -> None:
     gb = 2**30
     plain_grads = torch.load(tmp / "plain.pt")
     t_plain = statistics.median(t for res in results["plain"] for t in res["times"])
+    c_plain = statistics.median(t for res in results["plain"] for t in res["cpu_times"])
     m_plain = statistics.median(res["extra_peak"] for res in results["plain"])
-    print(f"\n## loss alone: N={args.tokens} H={args.hidden} V={args.vocab} {args.dtype}, {machine()}")
+    frozen = ", LM head frozen" if args.frozen_weight else ""
+    print(
+        f"\n## loss alone: N={args.tokens} H={args.hidden} V={args.vocab} {args.dtype}{frozen}, {machine()}"
+    )
     # The gradients themselves ((N, H) + (V, H) in the input dtype) are returned by every method;
     # "overhead" is what is left of the extra peak once they are subtracted.
-    grads_bytes = (args.tokens + args.vocab) * args.hidden * DTYPES[args.dtype].itemsize
+    grad_rows = args.tokens + (0 if args.frozen_weight else args.vocab)
+    grads_bytes = grad_rows * args.hidden * DTYPES[args.dtype].itemsize
     o_plain = m_plain - grads_bytes
     print(
-        "| contender | time (s, median) | × plain | extra peak RSS (GiB) | × plain "
+        "| contender | wall s (median) | × plain | CPU s (median) | × plain | extra peak RSS (GiB) | × plain "
         "| overhead beyond the grads (GiB) | × plain | grad hidden / grad weight rel. err. vs plain |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in contenders:
         t = statistics.median(t for res in results[name] for t in res["times"])
+        cpu = statistics.median(t for res in results[name] for t in res["cpu_times"])
         m = statistics.median(res["extra_peak"] for res in results[name])
         o = m - grads_bytes
         grads = torch.load(tmp / f"{name}.pt")
         err = f"{rel(grads['grad_hidden'], plain_grads['grad_hidden']):.1e} / "
-        err += f"{rel(grads['grad_weight'], plain_grads['grad_weight']):.1e}"
+        err += "—" if args.frozen_weight else f"{rel(grads['grad_weight'], plain_grads['grad_weight']):.1e}"
         print(
-            f"| {name} | {t:.2f} | {t / t_plain:.2f} | {m / gb:.2f} | {m / m_plain:.3f} "
+            f"| {name} | {t:.2f} | {t / t_plain:.2f} | {cpu:.2f} | {cpu / c_plain:.2f} | {m / gb:.2f} | {m / m_plain:.3f} "
             f"| {o / gb:.2f} | {o / o_plain:.3f} | {err} |"
         )
 
@@ -236,6 +252,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="processes per contender, alternating")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--frozen-weight", action="store_true", help="LM head without gradient (LoRA)")
     p.add_argument("--attention", action="store_true", help="run the packed-attention benchmark instead")
     p.add_argument("--contenders", default="plain,ours", help="comma-separated: plain, ours, ours-fp32acc")
     p.add_argument("--child", choices=["plain", "ours", "ours-fp32acc"], help=argparse.SUPPRESS)
