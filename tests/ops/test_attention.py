@@ -202,3 +202,26 @@ def test_cu_seq_lens_reach_the_attention_function_and_must_cover_the_row(arch):
     bad = {**batch, "cu_seq_lens_q": torch.tensor([0, 5, 12], dtype=torch.int32)}  # sums to 12, row has 27
     with pytest.raises(ValueError, match="does not describe one row of 27 tokens"):
         model(**bad)
+
+
+def test_attention_cost_is_per_document_not_per_row(monkeypatch):
+    # Record every sdpa call: the packed row of documents [5, 7, 5, 3, 7] must be attended as
+    # groups of equal-length documents, (2 docs × 5), (2 × 7), (1 × 3) per layer, never as one
+    # 27-token sequence: cost Σ length² = 157 per head instead of 27² = 729.
+    import tunesmith.ops.attention as attention
+
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kwargs):
+        shapes.append((tuple(q.shape), kwargs.get("is_causal"), kwargs.get("attn_mask")))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
+    docs, batch = packed_batch()
+    model = build(CONFIGS["llama"](), "sdpa")
+    use_varlen_attention(model)
+    with torch.no_grad():
+        model(**batch)
+    per_layer = [((2, 4, 5, 16), True, None), ((2, 4, 7, 16), True, None), ((1, 4, 3, 16), True, None)]
+    assert shapes == per_layer * 2  # 2 layers, 4 heads of 64 / 4 = 16
