@@ -45,9 +45,8 @@ def ensure_tokenizer() -> Path:
     if (TOKENIZER_DIR / "tokenizer.json").exists():
         return TOKENIZER_DIR
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from transformers import AutoTokenizer
-
     from conftest import SMOLLM2_GGUF, smollm2_dir
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
     tok.save_pretrained(TOKENIZER_DIR)

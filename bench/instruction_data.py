@@ -136,9 +136,8 @@ if __name__ == "__main__":
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from transformers import AutoTokenizer  # noqa: E402
-
     from conftest import SMOLLM2_GGUF, smollm2_dir  # noqa: E402
+    from transformers import AutoTokenizer  # noqa: E402
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
     bad = [w for w in WORDS if len(tok(w).input_ids) != 1 or len(tok(" " + w).input_ids) != 1]

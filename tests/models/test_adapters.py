@@ -4,8 +4,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
-from tests.tiny import tiny_model
 
+from tests.tiny import tiny_model
 from tunesmith.models.adapters import apply_lora, parameter_groups, trainable_summary
 
 

@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 from peft import PeftModel
-from tests.tiny import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.tiny import tiny_model, tiny_tokenizer
 from tunesmith import FastLanguageModel
 from tunesmith.models import fast
 from tunesmith.models.fast import max_seq_length_of

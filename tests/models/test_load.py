@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.tiny import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+from tests.tiny import tiny_model, tiny_tokenizer
 from tunesmith.models import load
 from tunesmith.models.load import default_model_path, load_model, load_tokenizer, resolve_dtype
 
