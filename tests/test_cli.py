@@ -126,14 +126,14 @@ def test_missing_config_file(capsys):
 def test_inspect_marks_trained_tokens(tiny_run, capsys):
     tmp = tiny_run
     common = ("inspect", tmp / "data.jsonl", "--model", tmp / "model", "-n", "1", "max_length=64")
-    code, out, err = run_cli(capsys, *common)
+    code, out, err = run_cli(capsys, *common, "assistant_only_loss=false")
     assert code == 0, err
     # TRL's default (assistant_only_loss false): every token of a conversation is trained
     assert "[[<|im_start|>user\nwhat is the capital of france<|im_end|>\n<|im_start|>assistant\nparis" in out
 
-    code, out, err = run_cli(capsys, *common, "assistant_only_loss=true")
+    code, out, err = run_cli(capsys, *common)
     assert code == 0, err
-    # assistant-only loss: the answer and its end-of-turn token are trained; the prompt, the role
+    # tunesmith's default, assistant-only loss: the answer and its end-of-turn token are trained; the prompt, the role
     # headers and the newline after <|im_end|> (not part of the turn) are masked
     expected = "<|im_start|>user\nwhat is the capital of france<|im_end|>\n<|im_start|>assistant\n[[paris<|im_end|>]]\n"
     assert expected in out
@@ -141,7 +141,7 @@ def test_inspect_marks_trained_tokens(tiny_run, capsys):
 
 
 def test_preprocess_prints_the_statistics(tiny_run, capsys):
-    code, out, err = run_cli(capsys, "preprocess", tiny_run / "run.yaml", "assistant_only_loss=true")
+    code, out, err = run_cli(capsys, "preprocess", tiny_run / "run.yaml")  # assistant-only by default
     assert code == 0, err
     # 16 copies of a 51-token conversation; trained per copy: "paris" (5 single-byte tokens, as the
     # test BPE learned no merge for it) + <|im_end|> = 6

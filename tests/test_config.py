@@ -25,7 +25,6 @@ TRL_SFT_FIELDS = {
     "pad_to_multiple_of": None,
     "eval_packing": None,
     "completion_only_loss": None,
-    "assistant_only_loss": False,
     "loss_type": "nll",
     "activation_offloading": False,
 }
@@ -44,6 +43,8 @@ def test_trl_fields_and_defaults(tmp_path):
     # our deviation, documented on the class: memory_policy decides instead of gradient checkpointing
     assert cfg.gradient_checkpointing is False and cfg.memory_policy == "auto"
     assert cfg.use_kernels is True and cfg.padding_free is None and cfg.embedding_learning_rate is None
+    # deliberate deviation (TRL: False): conversations train on the assistant turns only unless asked
+    assert cfg.assistant_only_loss is None
 
 
 def test_every_field_has_help_text():

@@ -270,10 +270,11 @@ class SFTConfig(TrainingArguments):
         default=None,
         metadata=_help("Loss on the completion only for prompt/completion data; None: yes (TRL).", "data"),
     )
-    assistant_only_loss: bool = field(
-        default=False,
+    assistant_only_loss: bool | None = field(
+        default=None,
         metadata=_help(
-            "Loss on assistant turns only for conversations (tunesmith finds the assistant spans for any template).",
+            "Loss on assistant turns only for conversations; None: yes (TRL's default is False, which trains "
+            "on user and system turns too). tunesmith finds the assistant spans for any chat template.",
             "data",
         ),
     )
