@@ -97,6 +97,7 @@ def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examp
         max_length=MAX_LENGTH,
         learning_rate=LR,
         bf16=True,
+        use_cpu=True,  # TrainingArguments refuses bf16 on a machine without a GPU unless told
         logging_steps=1,
         max_steps=max_steps,
         save_strategy="no",
