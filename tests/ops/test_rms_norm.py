@@ -71,6 +71,44 @@ def test_triton_matches_reference_forward_and_backward(interpret, dtype, casting
         torch.testing.assert_close(g.float(), r.float(), atol=atol * scale, rtol=rtol, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("casting,offset", [("llama", 0.0), ("gemma", 1.0)])
+def test_cpu_autograd_function_matches_reference(dtype, casting, offset):
+    # "auto" off CUDA: the reference forward op for op (bit-identical output) with a hand-written
+    # backward from x and rstd; gradients differ from autograd's only by fp32 summation order
+    # (plus one rounding of dx to the input dtype)
+    torch.manual_seed(2)
+    x = (torch.randn(3, 7, 40) * 3).to(dtype)
+    w = torch.randn(40).to(dtype)
+    ref = _forward_backward(x, w, "reference", casting=casting, offset=offset)
+    got = _forward_backward(x, w, "auto", casting=casting, offset=offset)
+    assert torch.equal(got[0], ref[0])
+    atol, rtol = TOL[dtype]
+    for name, r, g in zip(("dx", "dw"), ref[1:], got[1:]):
+        assert g.dtype == r.dtype, name
+        scale = 21 if name == "dw" else 1  # dw sums 21 rows
+        torch.testing.assert_close(g.float(), r.float(), atol=atol * scale, rtol=rtol, msg=name)
+
+
+def test_cpu_autograd_function_keeps_only_the_input_and_rstd():
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    for impl, expected in (("reference", None), ("auto", 4 * 64 * 2 + 64 * 2 + 4 * 4)):
+        saved = {}
+
+        def pack(t, saved=saved):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            rms_norm(x, w, 1e-6, impl=impl)
+        if expected is None:  # autograd of the reference: an fp32 copy of x among other things
+            reference_bytes = sum(saved.values())
+        else:  # x (bf16), the weight (bf16) and rstd (4 rows, fp32): nothing else
+            assert sum(saved.values()) == expected
+    assert reference_bytes > 2 * expected
+
+
 def test_triton_mixed_dtypes_and_non_contiguous_input(interpret):
     # bf16 activations with an fp32 weight (autocast training): output is fp32 as in transformers
     torch.manual_seed(2)
