@@ -310,6 +310,15 @@ class SFTConfig(TrainingArguments):
             "kernels",
         ),
     )
+    activation_memory_budget_gb: float | None = field(
+        default=None,
+        metadata=_help(
+            "memory_policy=auto: keep each micro-batch's activations under this many GiB by checkpointing as "
+            "few decoder layers as needed (short micro-batches: none). None: twice the model's weight size, "
+            "at least 0.25 GiB, at most 70% of the free memory.",
+            "kernels",
+        ),
+    )
     activation_offloading: bool = field(
         default=False,
         metadata=_help("Offload activations to the CPU (TRL); same as memory_policy=offload.", "kernels"),

@@ -100,7 +100,7 @@ class SFTTrainer(Trainer):
             args.max_length = int(model_max_length)
         _fall_back_from_bitsandbytes(args)
 
-        model = _prepare_model(model, args, peft_config)
+        model, self.memory_policy = _prepare_model(model, args, peft_config)
         processing_class = _prepare_tokenizer(processing_class, model, args)
         skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
         if not skip_prepare:
@@ -144,13 +144,19 @@ class SFTTrainer(Trainer):
         # tokens/s counts from the first step, not from the trainer's construction
         self._window.reset()
         self._window_start = time.perf_counter()
-        return super().train(*args, **kwargs)
+        output = super().train(*args, **kwargs)
+        if self.memory_policy is not None and self.memory_policy.policy == "auto":
+            logger.info(self.memory_policy.summary())
+        return output
 
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         example_index = inputs.pop("example_index", None)
         _ensure_shift_labels(inputs)
+        if model.training and self.memory_policy is not None:
+            # memory_policy=auto: checkpoint just enough layers for this micro-batch's size
+            self.memory_policy.plan(inputs["input_ids"].numel())
         shift_labels = inputs["shift_labels"]  # (B, T): next token where trained, else -100
         loss_sum, num_correct = self._loss_sum(model, inputs)
         num_supervised = (shift_labels != IGNORE_INDEX).sum()
@@ -505,6 +511,7 @@ def _prepare_model(model, args: SFTConfig, peft_config):
         from tunesmith.ops.apply import optimize
 
         optimize(model)
+    handle = None
     if not args.gradient_checkpointing:
         policy = "offload" if args.activation_offloading else args.memory_policy
         if policy != "none":
@@ -512,8 +519,15 @@ def _prepare_model(model, args: SFTConfig, peft_config):
 
             # upper bound of the tokens in one micro-batch, for the "auto" memory estimate
             batch_tokens = args.per_device_train_batch_size * (args.max_length or 2048)
-            apply_memory_policy(model, policy, batch_tokens=batch_tokens, device=args.device)
-    return model
+            budget = args.activation_memory_budget_gb
+            handle = apply_memory_policy(
+                model,
+                policy,
+                batch_tokens=batch_tokens,
+                device=args.device,
+                activation_budget=None if budget is None else int(budget * 2**30),
+            )
+    return model, handle
 
 
 def _set_pad_token(tokenizer, args: SFTConfig) -> None:

@@ -126,13 +126,15 @@ def test_generation_with_cache_is_unchanged():
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), expected)
 
 
-def test_default_on_cpu_swaps_no_kernel_module_and_says_why(caplog):
-    model = tiny_model("llama")  # no LoRA layers, so the CPU default ("lora" only) finds nothing
+def test_default_on_cpu_swaps_norms_only_and_says_why(caplog):
+    model = tiny_model("llama")  # no LoRA layers: of the CPU defaults only the 5 norms apply
     with caplog.at_level(logging.INFO, logger="tunesmith.ops.apply"):
         report = optimize(model)
-    assert report.total == 0 and optimized_kinds(model) == {}
-    assert "swapped nothing" in str(report) and "on cpu the PyTorch modules are as fast" in str(report)
-    assert any("swapped nothing" in r.message for r in caplog.records)
+    assert report.swapped == {"rms_norm": 5} and optimized_kinds(model) == {"rms_norm": 5}
+    assert report.skipped == {
+        "mlp, rope": "on cpu the PyTorch modules are as fast (bench/RESULTS.md, Kernels)"
+    }
+    assert any("swapped 5 rms_norm" in r.message for r in caplog.records)
 
 
 def test_unknown_architecture_runs_unchanged_with_one_log_line(caplog):

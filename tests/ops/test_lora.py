@@ -136,9 +136,11 @@ def test_optimize_swaps_lora_layers_on_cpu_by_default_and_unoptimize_restores():
 
     model = tiny_lora_model(torch.float32)
     keys = list(model.state_dict())
-    assert DEFAULT_SWAPS["cpu"] == ("lora",)  # measured faster on CPU: bench/RESULTS.md, "LoRA linear"
+    assert DEFAULT_SWAPS["cpu"] == ("lora", "rms_norm")  # bench/RESULTS.md, "Kernels"
     report = optimize(model)  # the model is on the CPU
-    assert report.swapped == {"lora": 14} and optimized_kinds(model) == {"lora": 14}
+    # 14 LoRA linears; 5 norms (2 per layer and the final one)
+    assert report.swapped == {"lora": 14, "rms_norm": 5}
+    assert optimized_kinds(model) == {"lora": 14, "rms_norm": 5}
     assert list(model.state_dict()) == keys
-    assert unoptimize(model) == 14
+    assert unoptimize(model) == 19
     assert not any(isinstance(m, FastLoraLinear) for m in model.modules())

@@ -113,3 +113,40 @@ def test_cuda_offload_moves_layer_inputs_to_host():
     assert hooks.offloaded_bytes == 2 * 12 * 64 * 4  # two layer inputs of 12 tokens x 64 fp32
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n])
+
+
+def test_auto_plans_checkpointed_layers_per_micro_batch():
+    model = tiny_model("llama")  # 2 layers, hidden 64, fp32: one layer input = tokens * 256 bytes
+    # budget 1,000,000 bytes. Without checkpointing a batch needs 2 * 20 * 256 * tokens bytes:
+    #   50 tokens -> 512,000: fits, no layer checkpointed;
+    #   150 tokens -> 1,536,000: k = ceil((1,536,000 - 1,000,000) / (19 * 38,400)) = 1;
+    #   1,000 tokens -> 10,240,000: k = 13 capped at the 2 layers there are.
+    handle = apply_memory_policy(model, "auto", batch_tokens=1000, device="cpu", activation_budget=1_000_000)
+    assert (
+        handle.policy == "auto" and handle.budget_bytes == 1_000_000 and handle.bytes_per_token_layer == 256
+    )
+    layers = [layer for layer, *_ in handle._previous]
+    assert [layer.gradient_checkpointing for layer in layers] == [False, False]
+    assert handle.plan(50) == 0 and [layer.gradient_checkpointing for layer in layers] == [False, False]
+    assert handle.plan(150) == 1 and [layer.gradient_checkpointing for layer in layers] == [True, False]
+    assert handle.plan(1000) == 2 and [layer.gradient_checkpointing for layer in layers] == [True, True]
+    assert handle.planned == {"batches": 3, "checkpointed": 2, "layer_steps": 3}
+    handle.remove()
+    assert [layer.gradient_checkpointing for layer in layers] == [False, False]
+
+
+def test_auto_plan_gives_the_same_gradients():
+    # whatever plan() picks, gradients are those of the plain model (checkpointing recomputes exactly)
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for budget in (None, 1):  # no policy at all, then a budget so small every layer is checkpointed
+        model = tiny_model("llama").train()
+        if budget is not None:
+            handle = apply_memory_policy(
+                model, "auto", batch_tokens=40, device="cpu", activation_budget=budget
+            )
+            assert handle.plan(40) == 2
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])

@@ -37,6 +37,10 @@ ACTIVATION_FACTOR = 20
 # Use at most this share of the free memory for activations: logits, optimizer state and
 # fragmentation need the rest.
 MEMORY_HEADROOM = 0.7
+# memory_policy="auto" keeps a micro-batch's activations under a budget by checkpointing just
+# enough decoder layers (see `MemoryPolicyHandle.plan`). Default budget: twice the size of the
+# model's weights (activations in proportion to the model), at least this much.
+MIN_ACTIVATION_BUDGET = 256 << 20
 
 
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
@@ -180,12 +184,54 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 @dataclass
 class MemoryPolicyHandle:
-    """What `apply_memory_policy` changed; `.remove()` restores each layer's previous settings."""
+    """What `apply_memory_policy` changed; `.remove()` restores each layer's previous settings.
+
+    Under policy "auto" the layers carry the checkpoint function but start switched off, and
+    `plan(tokens)` switches on, for each micro-batch, just enough of them that the estimated
+    activations fit `budget_bytes`: short micro-batches run with no recompute at all, and only
+    long ones (the tail of the length distribution, which sets the peak) pay for checkpointing.
+    """
 
     policy: str
     layers: int = 0
     checkpoint_function: object = None
+    budget_bytes: int | None = None
+    bytes_per_token_layer: int = 0  # one layer's input per token (hidden × element size)
+    planned: dict = field(default_factory=lambda: {"batches": 0, "checkpointed": 0, "layer_steps": 0})
     _previous: list = field(default_factory=list)
+
+    def plan(self, tokens: int) -> int:
+        """Checkpoint the fewest decoder layers that keep this micro-batch's activations within the
+        budget; returns how many. A no-op (0) unless the policy is "auto".
+
+        Each checkpointed layer keeps only its input (1 unit) instead of ACTIVATION_FACTOR units:
+            need(k) = (L - k)·F·u + k·u <= budget  ->  k = ceil((L·F·u - budget) / ((F - 1)·u))
+        Example: L=30, F=20, u = 1,000 tokens × 576 × 2 bytes = 1.15 MB, budget 540 MB -> 691 MB
+        without checkpointing, k = ceil(151 / 21.9) = 7 layers.
+        """
+        if self.policy != "auto" or not self._previous:
+            return 0
+        unit = tokens * self.bytes_per_token_layer
+        total = self.layers * ACTIVATION_FACTOR * unit
+        k = 0
+        if total > self.budget_bytes and unit > 0:
+            k = min(self.layers, -(-(total - self.budget_bytes) // ((ACTIVATION_FACTOR - 1) * unit)))
+        for i, (layer, *_rest) in enumerate(self._previous):
+            layer.gradient_checkpointing = i < k
+        self.planned["batches"] += 1
+        self.planned["checkpointed"] += k > 0
+        self.planned["layer_steps"] += k
+        return k
+
+    def summary(self) -> str:
+        batches, ckpt, layer_steps = (self.planned[key] for key in ("batches", "checkpointed", "layer_steps"))
+        if not batches:
+            return f"memory policy {self.policy}"
+        return (
+            f"memory policy auto: {ckpt} of {batches} micro-batches checkpointed "
+            f"{layer_steps / max(ckpt, 1):.1f} of {self.layers} layers on average "
+            f"(activation budget {self.budget_bytes / 2**30:.2f} GiB)"
+        )
 
     def remove(self) -> None:
         for layer, had, enabled, function in self._previous:
@@ -195,6 +241,12 @@ class MemoryPolicyHandle:
             elif "_gradient_checkpointing_func" in layer.__dict__:
                 del layer.__dict__["_gradient_checkpointing_func"]
         self._previous.clear()
+
+
+def default_activation_budget(model: nn.Module) -> int:
+    """Twice the bytes of the model's weights, at least MIN_ACTIVATION_BUDGET."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(2 * weights, MIN_ACTIVATION_BUDGET)
 
 
 def _text_config(model: nn.Module):
@@ -292,15 +344,20 @@ def apply_memory_policy(
     batch_tokens: int | None = None,
     device: torch.device | str | None = None,
     min_offload_bytes: int = 1 << 16,
+    activation_budget: int | None = None,
 ) -> MemoryPolicyHandle:
     """Set every decoder layer of `model` (a PreTrainedModel or PeftModel) to `policy`.
 
-    "auto" needs `batch_tokens` (tokens per micro-batch) and picks with `choose_memory_policy`.
+    "auto" needs `batch_tokens` (the most tokens a micro-batch can hold): "offload" when
+    `choose_memory_policy` says even checkpointing cannot fit that, else per-micro-batch
+    checkpointing under `activation_budget` bytes (default: `default_activation_budget`, capped at
+    MEMORY_HEADROOM of the free memory) — call `handle.plan(tokens)` before each forward.
     Checkpointing only acts in training mode (transformers skips it in eval). Returns a handle;
     `handle.remove()` puts the layers' previous settings back.
     """
     if policy not in POLICIES:
         raise ValueError(f"memory policy {policy!r} is not one of {', '.join(POLICIES)}")
+    budget = None
     if policy == "auto":
         if batch_tokens is None:
             raise ValueError(
@@ -308,8 +365,12 @@ def apply_memory_policy(
             )
         if device is None:
             device = next(model.parameters()).device
-        policy = choose_memory_policy(model, batch_tokens, device)
-    handle = MemoryPolicyHandle(policy=policy)
+        if choose_memory_policy(model, batch_tokens, device) == "offload":
+            policy = "offload"  # even fully checkpointed the longest micro-batch would not fit
+        else:
+            free = available_bytes(device) * MEMORY_HEADROOM
+            budget = int(min(activation_budget or default_activation_budget(model), free))
+    handle = MemoryPolicyHandle(policy=policy, budget_bytes=budget)
     if policy == "none":
         return handle
     layers = decoder_layers(model)
@@ -329,7 +390,19 @@ def apply_memory_policy(
         )
         # transformers' own switch: its layer __call__ routes through this function when training
         layer._gradient_checkpointing_func = function
-        layer.gradient_checkpointing = True
+        layer.gradient_checkpointing = policy != "auto"  # "auto": `plan` switches layers per batch
     handle.layers, handle.checkpoint_function = len(layers), function
-    logger.info("memory policy %s on %d decoder layers", policy, len(layers))
+    if policy == "auto":
+        config = _text_config(model)
+        floating = [p for p in model.parameters() if p.is_floating_point()]
+        element = floating[0].element_size() if floating else 4
+        handle.bytes_per_token_layer = int(getattr(config, "hidden_size", 0) or 0) * element
+        logger.info(
+            "memory policy auto: activations per micro-batch kept under %.2f GiB by checkpointing as few "
+            "of the %d decoder layers as needed",
+            budget / 2**30,
+            len(layers),
+        )
+    else:
+        logger.info("memory policy %s on %d decoder layers", policy, len(layers))
     return handle
