@@ -416,3 +416,24 @@ def test_compute_metrics_gets_logits_and_labels(tmp_path):
     # padding-free eval batches are one row each: 2 batches of 2 examples -> 2 rows, vocab 256
     assert metrics["eval_rows"] == 2.0 and seen["logits"][0] == 2 and seen["logits"][2] == 256
     assert seen["labels"][:2] == seen["logits"][:2] and "eval_loss" in metrics
+
+
+def test_cpu_runs_trim_the_heap_after_every_optimizer_step(tmp_path, monkeypatch):
+    import sys
+
+    from tunesmith import callbacks
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("malloc_trim is glibc's")
+    calls = []
+    monkeypatch.setattr(callbacks, "_malloc_trim", lambda: calls.append)
+    from tests.tiny import tiny_model, tiny_tokenizer
+    from tunesmith import SFTConfig, SFTTrainer
+
+    data = [{"prompt": "what is two", "completion": "four"}] * 8
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to="none")
+    trainer = SFTTrainer(
+        model=tiny_model("llama"), args=args, train_dataset=data, processing_class=tiny_tokenizer()
+    )
+    trainer.train()
+    assert calls == [0, 0, 0]  # malloc_trim(0), once per optimizer step

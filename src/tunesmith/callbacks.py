@@ -90,6 +90,35 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class ReleaseHostMemoryCallback(TrainerCallback):
+    """After each optimizer step on the CPU, hand the heap's free memory back to the OS.
+
+    Every micro-batch of unpadded data has a new length, so glibc's allocator sees blocks of ever
+    new sizes, reuses them badly and keeps the freed ones: in a LoRA run on SmolLM2 the resident
+    size grew from 0.8 to 2.5 GB in 15 steps while the live tensors stayed at 0.31 GB.
+    `malloc_trim(0)` (about 60 ms, ~2% of a step) brought it to 1.6 GB. Does nothing where the C
+    library has no malloc_trim (macOS, musl).
+    """
+
+    def __init__(self):
+        self._trim = _malloc_trim()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._trim is not None:
+            self._trim(0)
+
+
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 class SampleGenerationCallback(TrainerCallback):
     """Greedy generations from a few prompts at every evaluation, logged and kept in `samples`
     as (step, prompt, text)."""

@@ -30,7 +30,12 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from tunesmith.callbacks import NonFiniteLossGuard, SampleGenerationCallback, SignalCheckpointCallback
+from tunesmith.callbacks import (
+    NonFiniteLossGuard,
+    ReleaseHostMemoryCallback,
+    SampleGenerationCallback,
+    SignalCheckpointCallback,
+)
 from tunesmith.config import SFTConfig, deprecation_notice
 
 __all__ = ["SFTTrainer", "UnslothTrainer", "final_hidden_states", "lm_head_parameters", "logits_loss_sum"]
@@ -134,6 +139,8 @@ class SFTTrainer(Trainer):
             self._signature_columns = list(_DATASET_COLUMNS)
         self.nonfinite_guard = NonFiniteLossGuard()
         self.add_callback(SignalCheckpointCallback())
+        if self.args.device.type == "cpu":
+            self.add_callback(ReleaseHostMemoryCallback())
         if args.sample_prompts:
             self.add_callback(SampleGenerationCallback(args.sample_prompts, args.sample_max_new_tokens))
         self._window = _TokenCounters(self.args.device)
