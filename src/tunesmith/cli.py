@@ -136,20 +136,6 @@ def _load_source(source: str, split: str | None):
     return load_source(source, split=split)
 
 
-def _pipeline_kwargs(config) -> dict:
-    """SFTConfig fields that prepare_dataset takes, by name (the contract: same names)."""
-    import inspect
-
-    from tunesmith.data.pipeline import prepare_dataset
-
-    params = inspect.signature(prepare_dataset).parameters
-    return {
-        name: getattr(config, name)
-        for name in params
-        if name not in ("source", "tokenizer", "split") and hasattr(config, name)
-    }
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -195,8 +181,10 @@ def cmd_train(args) -> int:
 
 def _prepare(config, source, split, tokenizer):
     from tunesmith.data.pipeline import prepare_dataset
+    from tunesmith.trainer import pipeline_kwargs
 
-    return prepare_dataset(_load_source(source, split), tokenizer, **_pipeline_kwargs(config))
+    kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
+    return prepare_dataset(_load_source(source, split), tokenizer, **kwargs)
 
 
 def _tokenizer_for(config):

@@ -552,7 +552,7 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
 
     from tunesmith.data.pipeline import prepare_dataset
 
-    kwargs = _pipeline_kwargs(prepare_dataset, args, formatting_func, packing)
+    kwargs = pipeline_kwargs(prepare_dataset, args, formatting_func, packing)
     # an IterableDataset is tokenized (and packed) lazily, as it streams
     kwargs["streaming"] = isinstance(dataset, datasets.IterableDataset)
     prepared = prepare_dataset(dataset, tokenizer, **kwargs)
@@ -564,8 +564,9 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
     return data
 
 
-def _pipeline_kwargs(prepare_dataset, args: SFTConfig, formatting_func, packing: bool) -> dict[str, Any]:
-    """SFTConfig fields that `prepare_dataset` takes, by name (the contract: same names)."""
+def pipeline_kwargs(prepare_dataset, args: SFTConfig, formatting_func, packing: bool) -> dict[str, Any]:
+    """SFTConfig fields that `prepare_dataset` takes, by name (the contract: same names, but
+    `dataset_cache_dir` -> `cache_dir`). Used by the trainer and by the CLI's preprocess/inspect."""
     params = inspect.signature(prepare_dataset).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     values = {
