@@ -248,7 +248,7 @@ def main() -> None:
     every = sub.add_parser("all", help="every contender and flavour, each run in a fresh process")
     every.add_argument("--repeats", type=int, default=2)
     every.add_argument("--n", type=int, default=N_EXAMPLES)
-    every.add_argument("--trl-python", default="/tmp/probe/bin/python")
+    every.add_argument("--trl-python", default=sys.executable, help="a Python with trl installed")
     every.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     if args.command == "one":

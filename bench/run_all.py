@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = {
-    "data": ["bench_data.py", "all", "--repeats", "2"],
+    "data": ["bench_data.py", "all", "--repeats", "2", "--trl-python", sys.executable],
     "loss": ["bench_loss.py"],
     "attention": ["bench_loss.py", "--attention", "--repeats", "5"],
     "lora": ["bench_lora.py", "--tokens", "1024", "--repeats", "30"],
