@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from tunesmith.ops.lora import restore_lora_linears, swap_lora_linears
+from tunesmith.ops.apply import optimize, unoptimize
 
 SHAPES = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576)}
 SHAPES.update({"gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)})
@@ -72,13 +72,12 @@ def main() -> None:
     def step():
         model(x).float().sum().backward()
 
-    swaps: list = []
     times: dict[str, list[float]] = {"peft": [], "tunesmith": []}
     memory = {}
     for rep in range(args.repeats + 3):
         for name in times:
             if name == "tunesmith":
-                swaps, _ = swap_lora_linears(model)
+                optimize(model, swaps=("lora",), verbose=False)
             start = time.perf_counter()
             step()
             elapsed = time.perf_counter() - start
@@ -86,8 +85,7 @@ def main() -> None:
                 times[name].append(elapsed)
             if rep == 0:
                 memory[name] = saved_bytes(lambda: model(x).float().sum())
-            restore_lora_linears(swaps)
-            swaps = []
+            unoptimize(model)
     base = statistics.median(times["peft"])
     print(f"| contender | fwd+bwd ms | × PEFT | saved for backward (MB) | × PEFT |  ({args.tokens} tokens)")
     print("| --- | --- | --- | --- | --- |")

@@ -5,13 +5,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tunesmith.ops.lora import (
-    FastLoraLinear,
-    lora_delta,
-    lora_delta_reference,
-    restore_lora_linears,
-    swap_lora_linears,
-)
+from tunesmith.ops.apply import optimize, unoptimize
+from tunesmith.ops.lora import FastLoraLinear, lora_delta, lora_delta_reference
 
 # bf16 keeps 8 bits of mantissa: results are compared relative to their own scale
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -72,9 +67,9 @@ def test_swapped_model_matches_peft_exactly_in_fp32():
     keys = list(model.state_dict())
     want_logits, want_grads = loss_and_grads(model, ids)
 
-    swaps, skipped = swap_lora_linears(model)
+    report = optimize(model, swaps=("lora",))
     # all-linear on 2 Llama layers: q, k, v, o, gate, up, down = 7 per layer
-    assert len(swaps) == 14 and skipped == {}
+    assert report.swapped == {"lora": 14} and report.skipped == {}
     assert list(model.state_dict()) == keys  # same parameter names: PEFT saving is unchanged
     got_logits, got_grads = loss_and_grads(model, ids)
 
@@ -83,7 +78,7 @@ def test_swapped_model_matches_peft_exactly_in_fp32():
     for name, want in want_grads.items():
         torch.testing.assert_close(got_grads[name], want, **TOL[torch.float32])
 
-    restore_lora_linears(swaps)
+    assert unoptimize(model) == 14
     assert not any(isinstance(m, FastLoraLinear) for m in model.modules())
 
 
@@ -99,7 +94,7 @@ def test_swapped_model_in_bf16_is_as_accurate_as_peft():
         if p.requires_grad:
             p.data = p.data.float()
     peft_logits, peft_grads = loss_and_grads(model, ids)
-    swap_lora_linears(model)
+    optimize(model, swaps=("lora",))
     ours_logits, ours_grads = loss_and_grads(model, ids)
     pairs = [(ours_logits, peft_logits, ref_logits)] + [
         (ours_grads[n], peft_grads[n], ref_grads[n]) for n in ref_grads
@@ -116,7 +111,7 @@ def test_peft_controls_still_reach_swapped_layers():
         with model.disable_adapter():
             base_logits = model(input_ids=ids).logits
         lora_logits = model(input_ids=ids).logits
-        swap_lora_linears(model)
+        optimize(model, swaps=("lora",))
         with model.disable_adapter():
             # disabling must still turn the adapters off, i.e. PEFT sees the swapped layers
             torch.testing.assert_close(model(input_ids=ids).logits, base_logits)
@@ -127,12 +122,12 @@ def test_peft_controls_still_reach_swapped_layers():
 
 def test_layers_with_dropout_are_left_to_peft():
     model = tiny_lora_model(torch.float32, dropout=0.1)
-    swaps, skipped = swap_lora_linears(model)
-    assert swaps == [] and skipped == {"lora_dropout > 0": 14}
+    report = optimize(model, swaps=("lora",))
+    assert report.swapped == {} and report.skipped == {"lora": "lora_dropout > 0"}
 
 
 def test_optimize_swaps_lora_layers_on_cpu_by_default_and_unoptimize_restores():
-    from tunesmith.ops.apply import DEFAULT_SWAPS, optimize, optimized_kinds, unoptimize
+    from tunesmith.ops.apply import DEFAULT_SWAPS, optimized_kinds
 
     model = tiny_lora_model(torch.float32)
     keys = list(model.state_dict())

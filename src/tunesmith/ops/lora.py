@@ -18,14 +18,9 @@ exact against PEFT; in bf16 it differs from PEFT only by bf16 rounding of the (T
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
-from peft.tuners.lora import LoraLayer
 from torch import nn
-
-logger = logging.getLogger("tunesmith.ops")
 
 
 def lora_delta_reference(x, lora_a, lora_b, scaling: float):
@@ -117,31 +112,3 @@ def _fast_path_blocker(layer: nn.Module) -> str | None:
     if layer.lora_A[adapter].bias is not None or layer.lora_B[adapter].bias is not None:
         return "LoRA bias"
     return None
-
-
-def swap_lora_linears(model: nn.Module) -> tuple[list[tuple[nn.Module, str, nn.Module]], dict[str, int]]:
-    """Replace each eligible PEFT `lora.Linear` in `model` by a `FastLoraLinear`.
-
-    Returns (swaps, skipped): swaps is a list of (parent, attribute name, original layer) for
-    `restore_lora_linears`; skipped counts the layers left alone, by reason.
-    """
-    swaps, skipped = [], {}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, LoraLayer) or isinstance(child, FastLoraLinear):
-                continue
-            reason = _fast_path_blocker(child)
-            if reason is not None:
-                skipped[reason] = skipped.get(reason, 0) + 1
-                continue
-            setattr(parent, name, FastLoraLinear.from_peft(child))
-            swaps.append((parent, name, child))
-    for reason, count in skipped.items():
-        logger.info("kept %d PEFT LoRA layers as they are: %s", count, reason)
-    return swaps, skipped
-
-
-def restore_lora_linears(swaps) -> None:
-    """Put the original PEFT layers back (they share the fast layers' weights)."""
-    for parent, name, original in swaps:
-        setattr(parent, name, original)
