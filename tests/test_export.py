@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.tiny import CHATML_TEMPLATE, tiny_bpe_tokenizer
 from tunesmith.export import (
     ExportError,
     export_gguf,
@@ -16,34 +17,14 @@ from tunesmith.export import (
     quantize_q8_0,
 )
 
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 TEXT = "the quick brown fox jumps over the lazy dog; 2021-03-05 <|im_end|>"
 
 
 def build_tokenizer(folder):
     """A byte-level BPE (gpt2-style, like SmolLM2's) trained on a few sentences: 256 byte tokens,
     ~40 merges and two special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(
-        ["the quick brown fox jumps over the lazy dog"] * 20 + ["2021-03-05"] * 5, trainer
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>"
-    )
-    tok.chat_template = CHATML
+    corpus = ["the quick brown fox jumps over the lazy dog"] * 20 + ["2021-03-05"] * 5
+    tok = tiny_bpe_tokenizer(corpus, vocab_size=300, pad_token="<|im_end|>")
     tok.save_pretrained(folder)
     return tok
 
@@ -143,7 +124,7 @@ def test_gguf_round_trip_through_transformers_loader(tmp_path, gguf_type, tie, t
     assert back.config.tie_word_embeddings is tie
     assert back_tok(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
     assert back_tok.eos_token == "<|im_end|>"
-    assert back_tok.chat_template == CHATML
+    assert back_tok.chat_template == CHATML_TEMPLATE
 
     reference = {"f16": rounded_copy(model, torch.float16), "bf16": rounded_copy(model, torch.bfloat16)}
     expected, got = logits(reference.get(gguf_type, model), tok), logits(back, tok)
@@ -172,7 +153,7 @@ def test_merge_adapter_gives_plain_transformers_model(tmp_path):
     with safe_open(tmp_path / "merged/model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
         assert not any("lora" in k for k in f.keys())
-    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHATML
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHATML_TEMPLATE
     merged32 = AutoModelForCausalLM.from_pretrained(tmp_path / "merged32", dtype=torch.float32).eval()
     merged16 = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
 

@@ -146,3 +146,26 @@ def tiny_tokenizer(vocab: Iterable[str] = ()):
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+def tiny_bpe_tokenizer(texts: list[str], *, vocab_size: int, pad_token: str | None = None):
+    """A byte-level BPE tokenizer (gpt2-style, the kind GGUF stores, as SmolLM2's) trained on `texts`:
+    256 byte tokens, then `<|im_start|>` (256) and `<|im_end|>` (257, also eos), then the merges up to
+    `vocab_size`; the chatml template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token=pad_token
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
 from tunesmith.models import load
 from tunesmith.models.load import default_model_path, load_model, load_tokenizer, resolve_dtype
 
@@ -266,22 +266,7 @@ def test_default_model_converts_once_into_a_plain_safetensors_folder(converted_d
 
 def _bpe_llama_folder(folder):
     """A tiny Llama with a byte-level BPE tokenizer (the kind GGUF stores, as SmolLM2's), saved in folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=280,
-        special_tokens=["<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(["hello world, the quick brown fox"] * 10, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|im_start|>"
-    )
-    tokenizer.chat_template = tiny_tokenizer().chat_template
+    tokenizer = tiny_bpe_tokenizer(["hello world, the quick brown fox"] * 10, vocab_size=280)
     tokenizer.save_pretrained(folder)
     model = tiny_model(
         "llama", vocab_size=len(tokenizer), bos_token_id=256, eos_token_id=257, pad_token_id=None
