@@ -9,39 +9,17 @@ order of floating-point sums inside the attention kernels).
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    GemmaConfig,
-    LlamaConfig,
-    MistralConfig,
-    Phi3Config,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM
 
+from tests.tiny import tiny_config
 from tunesmith.ops.attention import ATTENTION_NAME, restore_attention, use_varlen_attention, varlen_mask
 
 ATOL = 1e-5
 LENGTHS = [5, 7, 5, 3, 7]  # two pairs of equal lengths: exercises the grouping by length
-COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # GQA: 2 query heads per kv head
-    max_position_embeddings=256,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**COMMON),
-    "qwen2": lambda: Qwen2Config(**COMMON),
-    "mistral": lambda: MistralConfig(**COMMON),
-    "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
-    "phi3": lambda: Phi3Config(**COMMON),
-}
+# tests/tiny.py's sizes (hidden 64, 2 layers, 4 query heads of 16 on 2 kv heads: GQA), with a
+# smaller vocabulary and context
+COMMON = dict(vocab_size=128, max_position_embeddings=256)
+ARCHS = ("gemma", "llama", "mistral", "phi3", "qwen2")
 
 
 def build(config, attn_implementation: str):
@@ -73,13 +51,13 @@ def packed_vs_alone(model, docs, batch, **forward_kwargs):
     return (packed - alone).abs().max().item()
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_transformers_isolates_packed_documents_from_position_ids_without_cache(arch, impl):
     # eager/sdpa get no cu_seq_lens (they build a block-diagonal mask from position_ids restarts);
     # this holds only with use_cache=False, see the next test.
     docs, batch = packed_batch()
-    model = build(CONFIGS[arch](), impl)
+    model = build(tiny_config(arch, **COMMON), impl)
     batch = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     assert packed_vs_alone(model, docs, batch, use_cache=False) < ATOL
 
@@ -91,16 +69,16 @@ def test_transformers_leaks_across_documents_when_a_cache_is_built(impl):
     # too) the model makes a DynamicCache and packed documents attend to each other. The trainer
     # must therefore run with use_cache=False. If this starts failing, transformers fixed it.
     docs, batch = packed_batch()
-    model = build(CONFIGS["llama"](), impl)
+    model = build(tiny_config("llama", **COMMON), impl)
     batch = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     assert packed_vs_alone(model, docs, batch) > 1e-3
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_varlen_isolates_packed_documents(arch, use_cache):
     docs, batch = packed_batch()
-    model = build(CONFIGS[arch](), "sdpa")
+    model = build(tiny_config(arch, **COMMON), "sdpa")
     assert use_varlen_attention(model) == "sdpa"
     assert model.config._attn_implementation == ATTENTION_NAME
     assert packed_vs_alone(model, docs, batch, use_cache=use_cache) < ATOL
@@ -108,7 +86,7 @@ def test_varlen_isolates_packed_documents(arch, use_cache):
 
 def test_varlen_finds_documents_from_position_ids_when_cu_seq_lens_are_absent():
     docs, batch = packed_batch()
-    model = build(CONFIGS["llama"](), "sdpa")
+    model = build(tiny_config("llama", **COMMON), "sdpa")
     use_varlen_attention(model)
     batch = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     assert packed_vs_alone(model, docs, batch) < ATOL
@@ -117,12 +95,12 @@ def test_varlen_finds_documents_from_position_ids_when_cu_seq_lens_are_absent():
 def test_varlen_applies_a_sliding_window_shorter_than_a_document():
     # Mistral with a 4-token window and documents of up to 7 tokens: inside a document the window
     # bites, so "alone" (eager, dense windowed mask) differs from plain causal attention.
-    config = MistralConfig(**{**COMMON, "sliding_window": 4})
+    config = tiny_config("mistral", **COMMON, sliding_window=4)
     docs, batch = packed_batch()
     model = build(config, "eager")
     use_varlen_attention(model)
     assert packed_vs_alone(model, docs, batch) < ATOL
-    model_no_window = build(MistralConfig(**COMMON), "eager")
+    model_no_window = build(tiny_config("mistral", **COMMON), "eager")
     with torch.no_grad():
         d = docs[1][None]
         assert (model(input_ids=d).logits - model_no_window(input_ids=d).logits).abs().max() > 1e-3
@@ -130,8 +108,8 @@ def test_varlen_applies_a_sliding_window_shorter_than_a_document():
 
 def test_varlen_supports_attention_softcapping_on_packed_rows():
     # Gemma-2: attention logits soft-capped at 5.0 (small, so the cap matters for random weights).
-    config = Gemma2Config(
-        **COMMON, head_dim=16, attn_logit_softcapping=5.0, sliding_window=4, query_pre_attn_scalar=16
+    config = tiny_config(
+        "gemma2", **COMMON, attn_logit_softcapping=5.0, sliding_window=4, query_pre_attn_scalar=16
     )
     docs, batch = packed_batch()
     model = build(config, "eager")
@@ -145,8 +123,8 @@ def test_padded_batch_through_varlen_equals_sdpa():
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[0, 6:] = 0  # right padding
     mask[2, :4] = 0  # left padding
-    sdpa = build(CONFIGS["qwen2"](), "sdpa")
-    varlen = build(CONFIGS["qwen2"](), "sdpa")
+    sdpa = build(tiny_config("qwen2", **COMMON), "sdpa")
+    varlen = build(tiny_config("qwen2", **COMMON), "sdpa")
     use_varlen_attention(varlen)
     with torch.no_grad():
         expected = sdpa(input_ids=ids, attention_mask=mask).logits
@@ -159,7 +137,7 @@ def test_gradients_match_per_document_runs():
     # Training needs the backward too: d(sum of packed logits)/d(weights) equals the sum over
     # documents of the same gradient from each document alone.
     docs, batch = packed_batch(lengths=[4, 6, 4])
-    model = build(CONFIGS["llama"](), "sdpa").train()
+    model = build(tiny_config("llama", **COMMON), "sdpa").train()
     use_varlen_attention(model)
     model(**batch).logits.sum().backward()
     packed = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
@@ -182,7 +160,7 @@ def test_mask_function_builds_no_dense_mask_for_packed_rows():
 def test_restore_attention_and_peft_models():
     from peft import LoraConfig, get_peft_model
 
-    model = build(CONFIGS["llama"](), "sdpa")
+    model = build(tiny_config("llama", **COMMON), "sdpa")
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     previous = use_varlen_attention(peft_model)
     assert (previous, model.config._attn_implementation) == ("sdpa", ATTENTION_NAME)
@@ -192,12 +170,12 @@ def test_restore_attention_and_peft_models():
     assert model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_cu_seq_lens_reach_the_attention_function_and_must_cover_the_row(arch):
     # The error can only come from inside tunesmith_varlen, so this also shows that transformers
     # 5.23 forwards the collator's cu_seq_lens_q from model(**batch) to the attention function.
     docs, batch = packed_batch()
-    model = build(CONFIGS[arch](), "sdpa")
+    model = build(tiny_config(arch, **COMMON), "sdpa")
     use_varlen_attention(model)
     bad = {**batch, "cu_seq_lens_q": torch.tensor([0, 5, 12], dtype=torch.int32)}  # sums to 12, row has 27
     with pytest.raises(ValueError, match="does not describe one row of 27 tokens"):
@@ -219,7 +197,7 @@ def test_attention_cost_is_per_document_not_per_row(monkeypatch):
 
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
     docs, batch = packed_batch()
-    model = build(CONFIGS["llama"](), "sdpa")
+    model = build(tiny_config("llama", **COMMON), "sdpa")
     use_varlen_attention(model)
     with torch.no_grad():
         model(**batch)
