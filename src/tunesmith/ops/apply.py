@@ -117,7 +117,13 @@ class _RopeAttention:
     _tunesmith_impl: str
 
     def forward(
-        self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        past_key_values=None,
+        cache=None,
+        **kwargs,
     ):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -148,8 +154,10 @@ class _RopeAttention:
         cos, sin = position_embeddings  # (B or 1, T, R)
         query, key = apply_rope(query, key, cos, sin, impl=self._tunesmith_impl)
 
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        # transformers 5.24 renamed the layer's `past_key_values` argument to `cache`
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         # the original module's own eager function (Gemma2's applies the softcap)
         eager = sys.modules[self._tunesmith_base.__module__].eager_attention_forward
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
