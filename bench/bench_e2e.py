@@ -9,8 +9,8 @@ flavour, completion-only loss), batch 4 x accumulation 2, max length 1024, seed 
 
 What is measured, identically for every contender:
 - non-padding tokens per second: tokens are counted in the data collator (a wrapper around the
-  contender's own collator: attention_mask.sum() for padded batches, the row length for
-  padding-free ones), time is wall time between optimizer steps; the first `--warmup` optimizer
+  contender's own collator: attention_mask.sum() for padded batches, the row length less its
+  `padding_tokens` for padding-free ones), time is wall time between optimizer steps; the first `--warmup` optimizer
   steps are excluded (allocator warm-up, lazy init);
 - peak RSS of the process (ru_maxrss), which includes loading the model and preparing the data;
 - the loss at every optimizer step, against the number of supervised tokens seen.
@@ -61,8 +61,8 @@ class TokenCounter:
         batch = self.collator(features)
         if "attention_mask" in batch:
             self.tokens += int(batch["attention_mask"].sum())
-        else:  # padding-free: one row of real tokens only
-            self.tokens += int(batch["input_ids"].numel())
+        else:  # padding-free: one row, whose last `padding_tokens` (tunesmith on CPU) are padding
+            self.tokens += int(batch["input_ids"].numel()) - int(batch.get("padding_tokens", 0))
         self.slots += int(batch["input_ids"].numel())
         return batch
 

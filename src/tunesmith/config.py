@@ -261,7 +261,12 @@ class SFTConfig(TrainingArguments):
         ),
     )
     pad_to_multiple_of: int | None = field(
-        default=None, metadata=_help("Pad padded batches to a multiple of this.", "data")
+        default=None,
+        metadata=_help(
+            "Pad batches to a multiple of this many tokens (padding-free: the one row). None: no padding, "
+            "except padding-free batches on the CPU, padded to 64s so that oneDNN's per-shape kernels are reused.",
+            "data",
+        ),
     )
     eval_packing: bool | None = field(
         default=None, metadata=_help("Pack the eval set; None: as `packing`.", "data")

@@ -65,6 +65,10 @@ _FORWARD_KEYS = (
 )
 
 # Columns of a prepared dataset that the collators read (Trainer drops any other column).
+# Padding-free batches on the CPU are padded to a multiple of this many tokens (see
+# PaddingFreeCollator): a bounded set of shapes for oneDNN's per-shape kernel caches.
+CPU_PAD_TO_MULTIPLE_OF = 64
+
 _DATASET_COLUMNS = ["input_ids", "labels", "seq_lengths", "example_index", "attention_mask", "position_ids"]
 
 
@@ -387,10 +391,11 @@ def _ensure_shift_labels(inputs: dict) -> None:
 
 
 def _real_tokens(inputs: dict) -> torch.Tensor:
-    """Non-padding tokens in the batch (padding-free batches have no padding at all)."""
+    """Non-padding tokens in the batch (a padding-free batch's padding is its last `padding_tokens`)."""
     if "attention_mask" in inputs:
         return inputs["attention_mask"].sum()
-    return torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+    real = inputs["input_ids"].numel() - int(inputs.get("padding_tokens", 0))
+    return torch.tensor(real, device=inputs["input_ids"].device)
 
 
 class _TokenCounters:
@@ -596,7 +601,10 @@ def _default_collator(model, tokenizer, args: SFTConfig):
         from tunesmith.ops.attention import use_varlen_attention
 
         use_varlen_attention(model)
-    return PaddingFreeCollator()
+    multiple = args.pad_to_multiple_of
+    if multiple is None and args.device.type == "cpu":
+        multiple = CPU_PAD_TO_MULTIPLE_OF
+    return PaddingFreeCollator(getattr(tokenizer, "pad_token_id", None), multiple)
 
 
 def _no_batch_dispatch_for_streams(args: SFTConfig, *datasets_) -> None:

@@ -155,3 +155,26 @@ def test_shift_labels_never_crosses_a_boundary(raw):
     ends = torch.cumsum(torch.tensor(rows[0]["seq_lengths"]), 0) - 1
     # the last token of every document has no target
     assert (shifted[0, ends] == X).all()
+
+
+def test_padding_free_collator_pads_to_a_multiple_with_a_segment_that_trains_nothing():
+    # 3 + 3 tokens padded to 8: two pad tokens form a document of their own (positions restart,
+    # cu_seq_lens gains an entry), carry no label and are counted in padding_tokens.
+    rows = [
+        {"input_ids": [A, B, C], "labels": [X, B, C]},
+        {"input_ids": [D, E, F], "labels": [D, E, F], "seq_lengths": [2, 1]},
+    ]
+    batch = PaddingFreeCollator(pad_token_id=0, pad_to_multiple_of=8)(rows)
+    assert batch["input_ids"].tolist() == [[A, B, C, D, E, F, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+    assert batch["labels"].tolist() == [[X, B, C, D, E, F, X, X]]
+    assert batch["shift_labels"].tolist() == [[B, C, X, E, X, X, X, X]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 8]
+    assert batch["padding_tokens"] == 2
+    # already a multiple: nothing added, and the batch is the unpadded one
+    exact = PaddingFreeCollator(pad_token_id=0, pad_to_multiple_of=3)(rows)
+    plain = PaddingFreeCollator()(rows)
+    assert exact["padding_tokens"] == plain["padding_tokens"] == 0
+    assert exact["input_ids"].tolist() == plain["input_ids"].tolist()
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int"):
+        PaddingFreeCollator(pad_to_multiple_of=0)

@@ -182,10 +182,19 @@ def test_cu_seq_lens_reach_the_attention_function_and_must_cover_the_row(arch):
         model(**bad)
 
 
-def test_attention_cost_is_per_document_not_per_row(monkeypatch):
-    # Record every sdpa call: the packed row of documents [5, 7, 5, 3, 7] must be attended as
-    # groups of equal-length documents, (2 docs × 5), (2 × 7), (1 × 3) per layer, never as one
-    # 27-token sequence: cost Σ length² = 157 per head instead of 27² = 729.
+@pytest.mark.parametrize(
+    "bucket, per_layer",
+    [
+        # exact lengths: groups of equal-length documents, (2 docs × 5), (2 × 7), (1 × 3)
+        (1, [((2, 4, 5, 16), True, None), ((2, 4, 7, 16), True, None), ((1, 4, 3, 16), True, None)]),
+        # lengths padded to a multiple of 4: 5 and 7 -> 8, 3 -> 4
+        (4, [((4, 4, 8, 16), True, None), ((1, 4, 4, 16), True, None)]),
+    ],
+)
+def test_attention_cost_is_per_document_not_per_row(monkeypatch, bucket, per_layer):
+    # Record every sdpa call: the packed row of documents [5, 7, 5, 3, 7] must be attended in
+    # groups of documents of the same (padded) length, never as one 27-token sequence: cost
+    # Σ length² = 157 per head (exact) or 4 × 8² + 4² = 272 (padded to 4s) instead of 27² = 729.
     import tunesmith.ops.attention as attention
 
     shapes = []
@@ -196,10 +205,34 @@ def test_attention_cost_is_per_document_not_per_row(monkeypatch):
         return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr(attention, "_ATTENTION_BUCKET", bucket)
     docs, batch = packed_batch()
     model = build(tiny_config("llama", **COMMON), "sdpa")
     use_varlen_attention(model)
     with torch.no_grad():
         model(**batch)
-    per_layer = [((2, 4, 5, 16), True, None), ((2, 4, 7, 16), True, None), ((1, 4, 3, 16), True, None)]
     assert shapes == per_layer * 2  # 2 layers, 4 heads of 64 / 4 = 16
+
+
+@pytest.mark.parametrize("bucket", [1, 4, 64])
+def test_padding_documents_to_a_bucket_changes_nothing(monkeypatch, bucket):
+    # Padding a document at its end cannot change its real positions under a causal mask (every
+    # padding key comes after them) nor, since padded outputs are dropped, any gradient: outputs
+    # and weight gradients equal the exact-length run to fp32 rounding (sdpa's blocks differ).
+    import tunesmith.ops.attention as attention
+
+    docs, batch = packed_batch(lengths=[5, 7, 5, 3, 7, 1])
+    model = build(tiny_config("llama", **COMMON), "sdpa").train()
+    use_varlen_attention(model)
+
+    def run(b):
+        monkeypatch.setattr(attention, "_ATTENTION_BUCKET", b)
+        model.zero_grad()
+        logits = model(**batch).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        return logits.detach(), model.model.layers[0].self_attn.k_proj.weight.grad.clone()
+
+    exact_logits, exact_grad = run(1)
+    logits, grad = run(bucket)
+    assert torch.allclose(logits, exact_logits, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(grad, exact_grad, atol=1e-5, rtol=1e-4)

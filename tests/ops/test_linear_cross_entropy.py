@@ -226,3 +226,18 @@ def test_second_backward_through_the_same_loss_is_a_clear_error():
     (loss * 2).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+def test_chunks_cover_every_row_once_in_few_distinct_sizes():
+    # Every supervised-token count 0..1,999 with chunks of 341: the chunks tile [0, n) in order, and
+    # over all 2,000 counts the matmuls see only whole chunks, multiples of 32 below 341 and 1..31:
+    # 1 + 10 + 31 = 42 row counts (one per count, 341, would be the cache-filling alternative).
+    from tunesmith.ops.linear_cross_entropy import _chunks
+
+    sizes = set()
+    for n in range(2000):
+        bounds = _chunks(n, 341)
+        assert [a for a, _ in bounds] == [0, *(b for _, b in bounds[:-1])][: len(bounds)]
+        assert (bounds[-1][1] if bounds else 0) == n
+        sizes |= {b - a for a, b in bounds}
+    assert sizes == {341} | set(range(32, 341, 32)) | set(range(1, 32))

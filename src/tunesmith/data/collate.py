@@ -192,13 +192,33 @@ class PaddingFreeCollator:
         labels       -100   b    c    d    e    f
         shift_labels  b     c  -100   e  -100 -100
         cu_seq_lens_q = cu_seq_lens_k = [0, 3, 5, 6]   max_length_q = max_length_k = 3
+        padding_tokens = 0
+
+    With `pad_to_multiple_of` the row is completed to a multiple of it by a segment of
+    `pad_token_id` that is a document of its own, trains nothing and is counted in
+    `padding_tokens`. On the CPU the trainer pads to 64s: the matrix libraries cache one kernel per
+    shape, and rows of ever-new lengths fill those caches (memory) and keep building kernels (time).
     """
+
+    def __init__(self, pad_token_id: int | None = None, pad_to_multiple_of: int | None = None):
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
+        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: Sequence[dict]) -> dict:
         rows = [_row(example) for example in examples]
-        input_ids = torch.cat([ids for ids, _, _ in rows]).unsqueeze(0)  # (1, N)
-        labels = torch.cat([row_labels for _, row_labels, _ in rows]).unsqueeze(0)  # (1, N)
         seq_lengths = [n for _, _, lengths in rows for n in lengths if n]
+        pieces = [(ids, row_labels) for ids, row_labels, _ in rows]
+        padding = 0
+        if self.pad_to_multiple_of:
+            total = sum(seq_lengths)
+            padding = -(-total // self.pad_to_multiple_of) * self.pad_to_multiple_of - total
+        if padding:  # one more segment of its own: attended alone, never trained
+            pieces.append((torch.full((padding,), self.pad_token_id), torch.full((padding,), IGNORE_INDEX)))
+            seq_lengths.append(padding)
+        input_ids = torch.cat([ids for ids, _ in pieces]).unsqueeze(0)  # (1, N)
+        labels = torch.cat([row_labels for _, row_labels in pieces]).unsqueeze(0)  # (1, N)
         lengths = torch.tensor(seq_lengths, dtype=torch.int32)
         cu_seq_lens = torch.zeros(len(seq_lengths) + 1, dtype=torch.int32)
         cu_seq_lens[1:] = torch.cumsum(lengths, 0, dtype=torch.int32)
@@ -212,4 +232,5 @@ class PaddingFreeCollator:
             "cu_seq_lens_k": cu_seq_lens.clone(),
             "max_length_q": longest,
             "max_length_k": longest,
+            "padding_tokens": padding,
         }

@@ -14,7 +14,8 @@ building a dense (T × T) block-diagonal mask, so attention costs T² for the wh
 registries, an attention function `"tunesmith_varlen"` and a mask function that builds no dense
 mask for packed rows. The attention function cuts the row at document starts (from
 `cu_seq_lens_q` when the collator passes it, else from where `position_ids` restart), batches
-documents of equal length together and runs causal sdpa on each group: cost Σ(length²).
+documents of about the same length together (padded to a multiple of 64 tokens, see `_bucket`) and
+runs causal sdpa on each group: cost Σ(length²).
 On CUDA it uses `torch.nn.attention.varlen.varlen_attn` (FlashAttention varlen) when it can.
 Padded batches (an `attention_mask`) and decoding with a cache behave exactly like "sdpa".
 """
@@ -184,26 +185,49 @@ def _attend_row(q, k, v, starts, lengths, n_rep, dropout, scaling, sliding_windo
         out = _flash_varlen(q, k, v, starts, lengths, scaling, window)
         if out is not None:
             return out
-    if len(starts) == 1:
+    if len(starts) == 1 and _bucket(lengths[0]) == lengths[0]:
         return _attend_group(q[None], k[None], v[None], n_rep, dropout, scaling, window, softcap)[
             0
         ].transpose(0, 1)
     out = q.new_empty((q.shape[1], q.shape[0], v.shape[-1]))  # (T, Hq, D)
-    by_length: dict[int, list[int]] = {}
+    by_bucket: dict[int, list[tuple[int, int]]] = {}
     for start, length in zip(starts, lengths):
-        by_length.setdefault(length, []).append(start)
-    for length, group_starts in by_length.items():
-        # (n_docs, L) token indices of the documents of this length
-        idx = (
-            torch.tensor(group_starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
-        ).flatten()
-        n_docs = len(group_starts)
-        qg = q.index_select(1, idx).unflatten(1, (n_docs, length)).transpose(0, 1)  # (n_docs, Hq, L, D)
-        kg = k.index_select(1, idx).unflatten(1, (n_docs, length)).transpose(0, 1)  # (n_docs, Hkv, L, D)
-        vg = v.index_select(1, idx).unflatten(1, (n_docs, length)).transpose(0, 1)
-        og = _attend_group(qg, kg, vg, n_rep, dropout, scaling, window, softcap)  # (n_docs, Hq, L, D)
-        out[idx] = og.transpose(1, 2).flatten(0, 1)  # (n_docs * L, Hq, D)
+        by_bucket.setdefault(_bucket(length), []).append((start, length))
+    for bucket, docs in by_bucket.items():
+        group_starts = torch.tensor([start for start, _ in docs], device=q.device)
+        group_lengths = torch.tensor([length for _, length in docs], device=q.device)
+        t = torch.arange(bucket, device=q.device)
+        # (n_docs, bucket) token indices; a document shorter than the bucket repeats its last token,
+        # which no real position attends to (causal: every padding key comes after them)
+        idx = group_starts[:, None] + torch.minimum(t[None, :], group_lengths[:, None] - 1)
+        n_docs = len(docs)
+        flat = idx.flatten()
+        qg = q.index_select(1, flat).unflatten(1, (n_docs, bucket)).transpose(0, 1)  # (n_docs, Hq, L, D)
+        kg = k.index_select(1, flat).unflatten(1, (n_docs, bucket)).transpose(0, 1)  # (n_docs, Hkv, L, D)
+        vg = v.index_select(1, flat).unflatten(1, (n_docs, bucket)).transpose(0, 1)
+        og = _attend_group(qg, kg, vg, n_rep, dropout, scaling, window, softcap).transpose(1, 2)
+        if all(length == bucket for _, length in docs):
+            out[flat] = og.flatten(0, 1)  # (n_docs * L, Hq, D)
+        else:
+            real = t[None, :] < group_lengths[:, None]  # (n_docs, bucket)
+            out[idx[real]] = og[real]
     return out
+
+
+# Documents are attended in groups padded to a multiple of this many tokens. On the CPU every new
+# (length) gives oneDNN new matrix shapes inside sdpa's backward, and each new shape costs a
+# primitive (slow to create, ~250 KB kept in a cache of 1,024): with exact lengths a LoRA run on
+# SmolLM2 grew by ~30 MB a step and spent its time creating them. A few dozen lengths are reused.
+_ATTENTION_BUCKET = 64
+
+
+def _bucket(length: int) -> int:
+    """The padded length a document of `length` tokens is attended at.
+
+    >>> _bucket(1), _bucket(64), _bucket(65)
+    (64, 64, 128)
+    """
+    return -(-length // _ATTENTION_BUCKET) * _ATTENTION_BUCKET
 
 
 def _attend_group(q, k, v, n_rep, dropout, scaling, window, softcap):
