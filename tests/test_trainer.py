@@ -437,3 +437,29 @@ def test_cpu_runs_trim_the_heap_after_every_optimizer_step(tmp_path, monkeypatch
     )
     trainer.train()
     assert calls == [0, 0, 0]  # malloc_trim(0), once per optimizer step
+
+
+def test_bf16_mixed_precision_gives_the_fused_loss_the_models_own_hidden_states(tmp_path, monkeypatch):
+    # With bf16=True accelerate wraps the forward so that its outputs come back in fp32. The fused
+    # loss must still get the decoder's bf16 hidden states (a bf16 matmul against the bf16 head), not
+    # fp32 copies: those made it cast the (V, H) head to fp32 and run the whole loss in fp32.
+    import tunesmith.ops.linear_cross_entropy as lce
+
+    seen = []
+    fused = lce.linear_cross_entropy
+
+    def recording(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype, hidden.requires_grad))
+        return fused(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(lce, "linear_cross_entropy", recording)
+    model = tiny_model("llama").to(torch.bfloat16)
+    trainer = SFTTrainer(
+        model,
+        args=config(tmp_path, bf16=True, use_cpu=True),
+        train_dataset=[{"prompt": p, "completion": c} for p, c in PAIRS],
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, True)}
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)

@@ -309,15 +309,38 @@ def final_hidden_states(model, inputs: dict) -> torch.Tensor:
     """(B, T, H) hidden states after the final norm, without computing logits.
 
     The forward goes through the (possibly DDP / PEFT) wrapper so that gradient synchronisation and
-    adapters work as usual; `logits_to_keep` = no position makes the LM head project nothing.
+    adapters work as usual; `logits_to_keep` = no position makes the LM head project nothing. The
+    hidden states are taken from the decoder's own output by a hook for the length of the call, not
+    from `output_hidden_states=True`: that returns every layer's output, which stays alive with the
+    outputs (defeating activation checkpointing), and under bf16 mixed precision accelerate copies
+    each of them to fp32 (measured on SmolLM2 on the CPU: the loss then ran its matmuls in fp32).
     """
     forward = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}
     no_position = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
-    outputs = model(
-        **forward, use_cache=False, output_hidden_states=True, logits_to_keep=no_position, return_dict=True
-    )
-    # transformers ties hidden_states[-1] to last_hidden_state (after the final norm)
-    return outputs.hidden_states[-1]
+    decoder = _decoder(model)
+    if decoder is None:
+        outputs = model(
+            **forward,
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=no_position,
+            return_dict=True,
+        )
+        return outputs.hidden_states[-1]  # transformers ties it to last_hidden_state (after the final norm)
+    captured: list[torch.Tensor] = []
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(**forward, use_cache=False, logits_to_keep=no_position, return_dict=True)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def _decoder(model) -> torch.nn.Module | None:
+    """The base model's decoder stack (whose output is the final-norm hidden states), if it has one."""
+    get_decoder = getattr(_unwrap(model), "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not _unwrap(model) else None
 
 
 def logits_loss_sum(model, inputs: dict, dft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -164,6 +164,7 @@ def linear_cross_entropy_reference(
     reduction: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain computation: full (N, V) logits in the input dtype, then fp32 cross-entropy."""
+    weight, bias = _in_dtype(weight, bias, hidden.dtype)  # as the chunked path does
     logits = F.linear(hidden, weight, bias).float()  # (..., V)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
