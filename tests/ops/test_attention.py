@@ -22,6 +22,16 @@ COMMON = dict(vocab_size=128, max_position_embeddings=256)
 ARCHS = ("gemma", "llama", "mistral", "phi3", "qwen2")
 
 
+@pytest.fixture(autouse=True, params=["sdpa", "math"])
+def attention_path(request, monkeypatch):
+    """Every test runs twice: documents attended by sdpa, and by the written-out attention that
+    short documents take on the CPU (`_MATH_ATTENTION_MAX_LENGTH`)."""
+    import tunesmith.ops.attention as attention
+
+    monkeypatch.setattr(attention, "_MATH_ATTENTION_MAX_LENGTH", 0 if request.param == "sdpa" else 10**6)
+    return request.param
+
+
 def build(config, attn_implementation: str):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
@@ -206,6 +216,7 @@ def test_attention_cost_is_per_document_not_per_row(monkeypatch, bucket, per_lay
 
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
     monkeypatch.setattr(attention, "_ATTENTION_BUCKET", bucket)
+    monkeypatch.setattr(attention, "_MATH_ATTENTION_MAX_LENGTH", 0)  # every group through sdpa
     docs, batch = packed_batch()
     model = build(tiny_config("llama", **COMMON), "sdpa")
     use_varlen_attention(model)
@@ -236,3 +247,26 @@ def test_padding_documents_to_a_bucket_changes_nothing(monkeypatch, bucket):
     logits, grad = run(bucket)
     assert torch.allclose(logits, exact_logits, atol=1e-5, rtol=1e-5)
     assert torch.allclose(grad, exact_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_short_documents_on_the_cpu_skip_sdpa():
+    # The default: 64-token buckets, written-out attention up to 128 tokens. Documents of 5-7
+    # tokens (one 64-token group) never reach sdpa; the result is the sdpa path's (tests above).
+    import tunesmith.ops.attention as attention
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    docs, batch = packed_batch()
+    model = build(tiny_config("llama", **COMMON), "sdpa")
+    use_varlen_attention(model)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "_MATH_ATTENTION_MAX_LENGTH", 128)
+        mp.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
+        with torch.no_grad():
+            model(**batch)
+    assert calls == []
