@@ -13,12 +13,17 @@ The gradients of A and B come out of bf16 matmuls (which accumulate in fp32 inte
 returned in the parameters' own dtype (fp32), where the optimizer works. In fp32 everything is
 exact against PEFT; in bf16 it differs from PEFT only by bf16 rounding of the (T, r) intermediate.
 
-`lora_delta_reference` is the pure-PyTorch reference the tests compare against.
+When the base layer is a plain frozen `nn.Linear` (the LoRA case), `lora_linear` does the base
+projection and the update in one function: the update is accumulated into the base output by one
+`addmm_` instead of a separate (T, out) add, and in the backward the two input gradients share one
+(T, in) buffer instead of autograd adding them. `lora_delta_reference` and `lora_linear_reference`
+are the pure-PyTorch references the tests compare against.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
@@ -63,6 +68,53 @@ class _LoraDelta(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None
 
 
+def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling: float):
+    """`F.linear(x, weight, bias)` plus the LoRA update (as `lora_delta_reference`)."""
+    return F.linear(x, weight, bias) + lora_delta_reference(x, lora_a, lora_b, scaling)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """x @ W.T (+ bias) + scaling * (x @ A.T) @ B.T in x.dtype, W and bias frozen; saves x, x @ A.T."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, in)
+        a = lora_a.to(x.dtype)  # (r, in)
+        b = (lora_b * scaling).to(x.dtype)  # (out, r)
+        xa = x2 @ a.t()  # (N, r)
+        out = F.linear(x2, weight, bias)  # (N, out)
+        out.addmm_(xa, b.t())  # the update, accumulated in place
+        ctx.save_for_backward(x2, xa, a, b, weight)
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        ctx.scaling = scaling
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xa, a, b, weight = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)  # (N, out)
+        gb = g @ b  # (N, r), scaling already inside b
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight  # (N, in)
+            grad_x.addmm_(gb, a)
+            grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[3]:
+            grad_a = (gb.t() @ x2).to(ctx.param_dtypes[0])  # (r, in)
+        if ctx.needs_input_grad[4]:
+            grad_b = ((g.t() @ xa) * ctx.scaling).to(ctx.param_dtypes[1])  # (out, r)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float):
+    """`F.linear(x, weight, bias) + scaling * (x @ A.T) @ B.T` in x's dtype, for a frozen weight and
+    bias (no gradient is computed for them: pass tensors that do not require one)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("lora_linear: the base weight and bias must be frozen (requires_grad=False)")
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling))
+
+
 def lora_delta(x, lora_a, lora_b, scaling: float):
     """`scaling * (x @ A.T) @ B.T` in x's dtype, with gradients for x, A and B (see module doc)."""
     return _LoraDelta.apply(x, lora_a, lora_b, float(scaling))
@@ -91,7 +143,22 @@ class FastLoraLinear(PeftLoraLinear):
         if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
             return super().forward(x, *args, **kwargs)
         name = active[0]
-        result = self.base_layer(x)
+        base = self.base_layer
+        if (
+            type(base) is nn.Linear
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and x.dtype == base.weight.dtype
+        ):
+            return lora_linear(
+                x,
+                base.weight,
+                base.bias,
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                self.scaling[name],
+            )
+        result = base(x)
         delta = lora_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
         return result + delta.to(result.dtype)
 
