@@ -418,7 +418,7 @@ def test_compute_metrics_gets_logits_and_labels(tmp_path):
     assert seen["labels"][:2] == seen["logits"][:2] and "eval_loss" in metrics
 
 
-def test_cpu_runs_trim_the_heap_after_every_optimizer_step(tmp_path, monkeypatch):
+def test_cpu_runs_trim_the_heap_every_few_optimizer_steps(tmp_path, monkeypatch):
     import sys
 
     from tunesmith import callbacks
@@ -431,12 +431,12 @@ def test_cpu_runs_trim_the_heap_after_every_optimizer_step(tmp_path, monkeypatch
     from tunesmith import SFTConfig, SFTTrainer
 
     data = [{"prompt": "what is two", "completion": "four"}] * 8
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to="none")
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=25, per_device_train_batch_size=2, report_to="none")
     trainer = SFTTrainer(
         model=tiny_model("llama"), args=args, train_dataset=data, processing_class=tiny_tokenizer()
     )
     trainer.train()
-    assert calls == [0, 0, 0]  # malloc_trim(0), once per optimizer step
+    assert calls == [0, 0]  # malloc_trim(0) after optimizer steps 10 and 20
 
 
 def test_bf16_mixed_precision_gives_the_fused_loss_the_models_own_hidden_states(tmp_path, monkeypatch):

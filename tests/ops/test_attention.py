@@ -270,3 +270,16 @@ def test_short_documents_on_the_cpu_skip_sdpa():
         with torch.no_grad():
             model(**batch)
     assert calls == []
+
+
+def test_padded_layout_of_two_documents_in_one_bucket(monkeypatch):
+    # [a b c] [d e] with 4-token buckets: each padded by repeating its last token, both in one group
+    import tunesmith.ops.attention as attention
+
+    monkeypatch.setattr(attention, "_ATTENTION_BUCKET", 4)
+    gather, inverse, groups = attention._padded_layout([0, 3], [3, 2], 5, "cpu")
+    assert gather.tolist() == [0, 1, 2, 2, 3, 4, 4, 4]
+    assert inverse.tolist() == [0, 1, 2, 4, 5]
+    assert groups == [(4, 2)]
+    gather, inverse, groups = attention._padded_layout([0, 3, 5], [3, 2, 6], 11, "cpu")
+    assert groups == [(4, 2), (8, 1)] and inverse.tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11, 12, 13]

@@ -189,29 +189,48 @@ def _attend_row(q, k, v, starts, lengths, n_rep, dropout, scaling, sliding_windo
         return _attend_group(q[None], k[None], v[None], n_rep, dropout, scaling, window, softcap)[
             0
         ].transpose(0, 1)
-    out = q.new_empty((q.shape[1], q.shape[0], v.shape[-1]))  # (T, Hq, D)
+    # Documents grouped by padded length (see _bucket). Every group's tokens are gathered by one
+    # index_select per q/k/v and the outputs put back by one more, so the backward is four
+    # index_adds whatever the number of groups.
+    gather, inverse, groups = _padded_layout(starts, lengths, q.shape[1], q.device)
+    qt = q.transpose(0, 1).index_select(0, gather)  # (P, Hq, D), P = Σ documents × their bucket
+    kt = k.transpose(0, 1).index_select(0, gather)  # (P, Hkv, D)
+    vt = v.transpose(0, 1).index_select(0, gather)
+    outs, offset = [], 0
+    for bucket, n_docs in groups:
+        rows = slice(offset, offset + n_docs * bucket)
+        qg, kg, vg = (x[rows].unflatten(0, (n_docs, bucket)).transpose(1, 2) for x in (qt, kt, vt))
+        og = _attend_group(qg, kg, vg, n_rep, dropout, scaling, window, softcap)  # (n_docs, Hq, L, D)
+        outs.append(og.transpose(1, 2).reshape(n_docs * bucket, og.shape[1], og.shape[3]))
+        offset += n_docs * bucket
+    return (torch.cat(outs) if len(outs) > 1 else outs[0]).index_select(0, inverse)  # (T, Hq, D)
+
+
+def _padded_layout(starts, lengths, total: int, device):
+    """Where each token goes when the documents are grouped by bucket and padded to it.
+
+    Returns (gather (P,): the row's token at each padded slot; a document shorter than its bucket
+    repeats its last token, which no real position attends to (causal: every padding key comes
+    after them), inverse (T,): the padded slot of each real token, groups: (bucket, n_docs) in
+    slot order). Documents [a b c] [d e] with 4-token buckets:
+
+        gather  = [0 1 2 2 3 4 4 4]    (a b c c d e e e)
+        inverse = [0 1 2 4 5]          groups = [(4, 2)]
+    """
     by_bucket: dict[int, list[tuple[int, int]]] = {}
     for start, length in zip(starts, lengths):
         by_bucket.setdefault(_bucket(length), []).append((start, length))
+    gathers, inverse, groups, offset = [], torch.empty(total, dtype=torch.long), [], 0
     for bucket, docs in by_bucket.items():
-        group_starts = torch.tensor([start for start, _ in docs], device=q.device)
-        group_lengths = torch.tensor([length for _, length in docs], device=q.device)
-        t = torch.arange(bucket, device=q.device)
-        # (n_docs, bucket) token indices; a document shorter than the bucket repeats its last token,
-        # which no real position attends to (causal: every padding key comes after them)
-        idx = group_starts[:, None] + torch.minimum(t[None, :], group_lengths[:, None] - 1)
-        n_docs = len(docs)
-        flat = idx.flatten()
-        qg = q.index_select(1, flat).unflatten(1, (n_docs, bucket)).transpose(0, 1)  # (n_docs, Hq, L, D)
-        kg = k.index_select(1, flat).unflatten(1, (n_docs, bucket)).transpose(0, 1)  # (n_docs, Hkv, L, D)
-        vg = v.index_select(1, flat).unflatten(1, (n_docs, bucket)).transpose(0, 1)
-        og = _attend_group(qg, kg, vg, n_rep, dropout, scaling, window, softcap).transpose(1, 2)
-        if all(length == bucket for _, length in docs):
-            out[flat] = og.flatten(0, 1)  # (n_docs * L, Hq, D)
-        else:
-            real = t[None, :] < group_lengths[:, None]  # (n_docs, bucket)
-            out[idx[real]] = og[real]
-    return out
+        group_starts = torch.tensor([start for start, _ in docs])
+        group_lengths = torch.tensor([length for _, length in docs])
+        t = torch.arange(bucket)
+        gathers.append((group_starts[:, None] + torch.minimum(t, group_lengths[:, None] - 1)).flatten())
+        real = (t < group_lengths[:, None]).flatten()  # (n_docs * bucket,)
+        inverse[gathers[-1][real]] = torch.arange(offset, offset + len(docs) * bucket)[real]
+        groups.append((bucket, len(docs)))
+        offset += len(docs) * bucket
+    return torch.cat(gathers).to(device), inverse.to(device), groups
 
 
 # Documents are attended in groups padded to a multiple of this many tokens. On the CPU every new
@@ -274,7 +293,8 @@ def _attend_math(q, k, v, dropout, scaling, window, softcap, dtype):
     kv_heads = k.shape[1]
     rep = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
-    qg = q.to(dtype).reshape(groups, kv_heads, rep * length, dim)
+    qg = q.to(dtype, memory_format=torch.contiguous_format) if q.dtype != dtype else q  # one copy
+    qg = qg.reshape(groups, kv_heads, rep * length, dim)
     scores = (
         torch.matmul(qg, k.to(dtype).transpose(-1, -2)).view(groups, kv_heads, rep, length, length) * scale
     )
