@@ -64,11 +64,11 @@ _FORWARD_KEYS = (
     "max_length_k",
 )
 
-# Columns of a prepared dataset that the collators read (Trainer drops any other column).
 # Padding-free batches on the CPU are padded to a multiple of this many tokens (see
 # PaddingFreeCollator): a bounded set of shapes for oneDNN's per-shape kernel caches.
 CPU_PAD_TO_MULTIPLE_OF = 64
 
+# Columns of a prepared dataset that the collators read (Trainer drops any other column).
 _DATASET_COLUMNS = ["input_ids", "labels", "seq_lengths", "example_index", "attention_mask", "position_ids"]
 
 
@@ -338,9 +338,10 @@ def final_hidden_states(model, inputs: dict) -> torch.Tensor:
 
 def _decoder(model) -> torch.nn.Module | None:
     """The base model's decoder stack (whose output is the final-norm hidden states), if it has one."""
-    get_decoder = getattr(_unwrap(model), "get_decoder", None)
+    base = _unwrap(model)
+    get_decoder = getattr(base, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
-    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not _unwrap(model) else None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not base else None
 
 
 def logits_loss_sum(model, inputs: dict, dft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

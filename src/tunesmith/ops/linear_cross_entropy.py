@@ -324,6 +324,9 @@ def _kernels():
     return ce_chunk
 
 
+_TAIL_ALIGN = 32
+
+
 def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     """(start, stop) of the chunks of n rows: whole chunks, then the rest cut into a multiple of
     `_TAIL_ALIGN` rows and what remains (< `_TAIL_ALIGN`).
@@ -342,9 +345,6 @@ def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     aligned = n - (n - whole) % _TAIL_ALIGN
     bounds += [(a, b) for a, b in ((whole, aligned), (aligned, n)) if b > a]
     return bounds
-
-
-_TAIL_ALIGN = 32
 
 
 def _supervised(
