@@ -37,54 +37,27 @@ def lora_delta_reference(x, lora_a, lora_b, scaling: float):
     return out.to(x.dtype)
 
 
-class _LoraDelta(torch.autograd.Function):
-    """scaling * (x @ A.T) @ B.T in x.dtype; saves x and x @ A.T only."""
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scaling):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (N, in)
-        a = lora_a.to(x.dtype)  # (r, in)
-        b = (lora_b * scaling).to(x.dtype)  # (out, r); scaling folded in once, on the small matrix
-        xa = x2 @ a.t()  # (N, r)
-        out = xa @ b.t()  # (N, out)
-        ctx.save_for_backward(x2, xa, a, b)
-        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
-        ctx.scaling = scaling
-        return out.reshape(*shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x2, xa, a, b = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)  # (N, out)
-        gb = g @ b  # (N, r), scaling already inside b
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (gb @ a).reshape(*grad_out.shape[:-1], a.shape[1])
-        if ctx.needs_input_grad[1]:
-            grad_a = (gb.t() @ x2).to(ctx.param_dtypes[0])  # (r, in)
-        if ctx.needs_input_grad[2]:
-            grad_b = ((g.t() @ xa) * ctx.scaling).to(ctx.param_dtypes[1])  # (out, r)
-        return grad_x, grad_a, grad_b, None
-
-
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling: float):
     """`F.linear(x, weight, bias)` plus the LoRA update (as `lora_delta_reference`)."""
     return F.linear(x, weight, bias) + lora_delta_reference(x, lora_a, lora_b, scaling)
 
 
 class _LoraLinear(torch.autograd.Function):
-    """x @ W.T (+ bias) + scaling * (x @ A.T) @ B.T in x.dtype, W and bias frozen; saves x, x @ A.T."""
+    """x @ W.T (+ bias) + scaling * (x @ A.T) @ B.T in x.dtype, W and bias frozen; saves x and
+    x @ A.T only. With weight None it is the update alone (`lora_delta`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         a = lora_a.to(x.dtype)  # (r, in)
-        b = (lora_b * scaling).to(x.dtype)  # (out, r)
+        b = (lora_b * scaling).to(x.dtype)  # (out, r); scaling folded in once, on the small matrix
         xa = x2 @ a.t()  # (N, r)
-        out = F.linear(x2, weight, bias)  # (N, out)
-        out.addmm_(xa, b.t())  # the update, accumulated in place
+        if weight is None:
+            out = xa @ b.t()  # (N, out)
+        else:
+            out = F.linear(x2, weight, bias)  # (N, out)
+            out.addmm_(xa, b.t())  # the update, accumulated in place
         ctx.save_for_backward(x2, xa, a, b, weight)
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.scaling = scaling
@@ -97,9 +70,12 @@ class _LoraLinear(torch.autograd.Function):
         gb = g @ b  # (N, r), scaling already inside b
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight  # (N, in)
-            grad_x.addmm_(gb, a)
-            grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
+            if weight is None:
+                grad_x = gb @ a  # (N, in)
+            else:
+                grad_x = g @ weight  # (N, in)
+                grad_x.addmm_(gb, a)
+            grad_x = grad_x.view(*grad_out.shape[:-1], a.shape[1])
         if ctx.needs_input_grad[3]:
             grad_a = (gb.t() @ x2).to(ctx.param_dtypes[0])  # (r, in)
         if ctx.needs_input_grad[4]:
@@ -117,7 +93,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float):
 
 def lora_delta(x, lora_a, lora_b, scaling: float):
     """`scaling * (x @ A.T) @ B.T` in x's dtype, with gradients for x, A and B (see module doc)."""
-    return _LoraDelta.apply(x, lora_a, lora_b, float(scaling))
+    return _LoraLinear.apply(x, None, None, lora_a, lora_b, float(scaling))
 
 
 class FastLoraLinear(PeftLoraLinear):
