@@ -126,15 +126,14 @@ def test_generation_with_cache_is_unchanged():
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), expected)
 
 
-def test_default_on_cpu_swaps_norms_only_and_says_why(caplog):
-    model = tiny_model("llama")  # no LoRA layers: of the CPU defaults only the 5 norms apply
+def test_default_on_cpu_swaps_every_kind_and_logs_it(caplog):
+    model = tiny_model("llama")  # no LoRA layers: norms, MLPs and attentions
     with caplog.at_level(logging.INFO, logger="tunesmith.ops.apply"):
         report = optimize(model)
-    assert report.swapped == {"rms_norm": 5} and optimized_kinds(model) == {"rms_norm": 5}
-    assert report.skipped == {
-        "mlp, rope": "on cpu the PyTorch modules are as fast (bench/RESULTS.md, Kernels)"
-    }
-    assert any("swapped 5 rms_norm" in r.message for r in caplog.records)
+    expected = {"rms_norm": 5, "mlp": 2, "rope": 2}
+    assert report.swapped == expected and optimized_kinds(model) == expected
+    assert report.skipped == {}
+    assert any("swapped 2 mlp, 5 rms_norm, 2 rope" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_unknown_architecture_runs_unchanged_with_one_log_line(caplog):

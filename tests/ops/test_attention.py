@@ -283,3 +283,41 @@ def test_padded_layout_of_two_documents_in_one_bucket(monkeypatch):
     assert groups == [(4, 2)]
     gather, inverse, groups = attention._padded_layout([0, 3, 5], [3, 2, 6], 11, "cpu")
     assert groups == [(4, 2), (8, 1)] and inverse.tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11, 12, 13]
+
+
+def _causal_attention_reference(q, k, v, scale, window):
+    # plain attention in float64: kv heads repeated for GQA (query head h reads kv head h // rep)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    import tunesmith.ops.attention as attention
+
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~attention._allowed(q.shape[2], window, q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_short_causal_attention_forward_and_backward_match_a_float64_reference(dtype, window):
+    import tunesmith.ops.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 24, 16, generator=g)  # 2 documents, 6 query heads on 3 kv heads
+    k, v = torch.randn(2, 3, 24, 16, generator=g), torch.randn(2, 3, 24, 16, generator=g)
+    grad = torch.randn(2, 6, 24, 16, generator=g)
+    allowed = attention._allowed(24, window, "cpu")
+    results = []
+    for fn in ("reference", "ours"):
+        inputs = [t.to(dtype if fn == "ours" else torch.float64).requires_grad_() for t in (q, k, v)]
+        if fn == "ours":
+            out = attention._ShortCausalAttention.apply(*inputs, 0.25, allowed)
+        else:
+            out = _causal_attention_reference(*inputs, 0.25, window)
+        out.backward(grad.to(out.dtype))
+        results.append([out, *(t.grad for t in inputs)])
+    # fp32: rounding only; bf16: 8-bit mantissas in the matmul inputs and outputs, softmax in fp32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == dtype
+        scale = want.abs().max()
+        torch.testing.assert_close(got.double() / scale, want / scale, rtol=tol, atol=tol)

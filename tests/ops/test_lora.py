@@ -131,13 +131,13 @@ def test_optimize_swaps_lora_layers_on_cpu_by_default_and_unoptimize_restores():
 
     model = tiny_lora_model(torch.float32)
     keys = list(model.state_dict())
-    assert DEFAULT_SWAPS["cpu"] == ("lora", "rms_norm")  # bench/RESULTS.md, "Kernels"
+    assert set(DEFAULT_SWAPS["cpu"]) == {"lora", "rms_norm", "mlp", "rope"}  # bench/RESULTS.md, "Kernels"
     report = optimize(model)  # the model is on the CPU
-    # 14 LoRA linears; 5 norms (2 per layer and the final one)
-    assert report.swapped == {"lora": 14, "rms_norm": 5}
-    assert optimized_kinds(model) == {"lora": 14, "rms_norm": 5}
+    # 14 LoRA linears; 5 norms (2 per layer and the final one); 2 MLPs and 2 attentions
+    assert report.swapped == {"lora": 14, "rms_norm": 5, "mlp": 2, "rope": 2}
+    assert optimized_kinds(model) == {"lora": 14, "rms_norm": 5, "mlp": 2, "rope": 2}
     assert list(model.state_dict()) == keys
-    assert unoptimize(model) == 19
+    assert unoptimize(model) == 23
     assert not any(isinstance(m, FastLoraLinear) for m in model.modules())
 
 
@@ -167,3 +167,85 @@ def test_lora_linear_forward_and_backward_match_reference(dtype, with_bias):
         torch.testing.assert_close(got.float() / scale, want.float() / scale, **TOL[dtype])
     with pytest.raises(ValueError, match="must be frozen"):
         lora_linear(x, weight.clone().requires_grad_(), bias, a, b, 2.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_stacked_projections_match_peft_and_replace_the_separate_calls(arch):
+    # q/k/v (Qwen2: with biases) and gate/up run as one LoRA linear when all are fast LoRA layers;
+    # ranks differ per module so the block-diagonal B is not square blocks. Phi-3 already has one
+    # qkv_proj and one gate_up_proj: nothing to stack. Logits and all LoRA grads equal PEFT's.
+    from peft import LoraConfig, get_peft_model
+
+    from tests.tiny import tiny_model
+    from tunesmith.ops.apply import KINDS
+
+    def build():
+        torch.manual_seed(3)
+        config = LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+            rank_pattern={"k_proj": 2, "up_proj": 6},
+        )  # fmt: skip
+        return get_peft_model(tiny_model(arch), config)
+
+    ids = torch.randint(0, 256, (1, 19), generator=torch.Generator().manual_seed(4))
+    want_logits, want_grads = loss_and_grads(build(), ids)
+    model = build()
+    optimize(model, impl="reference", swaps=KINDS)
+    calls = []
+    for name, module in model.named_modules():
+        if isinstance(module, FastLoraLinear):
+            module.register_forward_hook(lambda m, i, o, name=name: calls.append(name.rsplit(".", 1)[-1]))
+    got_logits, got_grads = loss_and_grads(model, ids)
+
+    # the stacked projections' own forwards never run; the others' do, once per layer
+    alone = ["o_proj", "down_proj"] + (["qkv_proj", "gate_up_proj"] if arch == "phi3" else [])
+    assert sorted(calls) == sorted(alone * 2), calls
+    torch.testing.assert_close(got_logits, want_logits, **TOL[torch.float32])
+    assert got_grads.keys() == want_grads.keys()
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, **TOL[torch.float32], msg=name)
+
+    # all swaps undone, including the LoRA layers inside the swapped MLPs and attentions
+    unoptimize(model)
+    assert not any(type(m).__name__.startswith(("Fast", "GatedMLP")) for m in model.modules())
+    torch.testing.assert_close(loss_and_grads(model, ids)[0], want_logits, **TOL[torch.float32])
+
+
+def test_projections_fall_back_to_separate_calls_unless_all_are_fast():
+    # a plain frozen nn.Linear among them (LoRA on q and v only, PEFT's Llama default): no stacking
+    from peft import LoraConfig, get_peft_model
+
+    from tests.tiny import tiny_model
+    from tunesmith.ops.lora import lora_projections
+
+    torch.manual_seed(3)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    optimize(model, swaps=("lora",))
+    attention = model.base_model.model.model.layers[0].self_attn
+    x = torch.randn(1, 5, 64)
+    assert lora_projections(x, (attention.q_proj, attention.k_proj, attention.v_proj), {}) is None
+    assert len(lora_projections(x, (attention.q_proj, attention.v_proj), {})) == 2
+    with model.disable_adapter():
+        assert lora_projections(x, (attention.q_proj, attention.v_proj), {}) is None
+
+
+def test_stacked_weights_follow_changes_to_the_base_weights():
+    # the stacked copy is rebuilt when a base weight is changed in place or replaced
+    from tests.tiny import tiny_model
+    from tunesmith.ops.lora import lora_projections
+
+    torch.manual_seed(3)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    optimize(model, swaps=("lora",))
+    attention = model.base_model.model.model.layers[0].self_attn
+    layers, stacked, x = (attention.q_proj, attention.v_proj), {}, torch.randn(1, 5, 64)
+    q_weight = attention.q_proj.base_layer.weight
+    with torch.no_grad():
+        lora_projections(x, layers, stacked)
+        q_weight.mul_(2)
+        q, v = lora_projections(x, layers, stacked)
+        torch.testing.assert_close(q, attention.q_proj(x))
+        attention.v_proj.base_layer.weight = torch.nn.Parameter(torch.zeros(32, 64), requires_grad=False)
+        q, v = lora_projections(x, layers, stacked)
+        torch.testing.assert_close(v, attention.v_proj(x))
+        assert torch.equal(stacked["weight"][:64], q_weight) and not stacked["weight"][64:].any()

@@ -254,10 +254,12 @@ def _attend_group(q, k, v, n_rep, dropout, scaling, window, softcap):
     k/v (G, Hkv, L, D) -> (G, Hq, L, D)."""
     length = q.shape[2]
     short = not q.is_cuda and length <= _MATH_ATTENTION_MAX_LENGTH
-    if softcap is not None or short:
-        # Soft-capped scores (Gemma-2) are not expressible in sdpa; short documents on the CPU are
-        # faster without it (below).
+    if softcap is not None or (short and dropout > 0):
+        # Soft-capped scores (Gemma-2) are not expressible in sdpa
         return _attend_math(q, k, v, dropout, scaling, window, softcap, torch.float32 if short else q.dtype)
+    if short:  # faster on the CPU than sdpa (below)
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        return _ShortCausalAttention.apply(q, k, v, scale, _allowed(length, window, q.device))
     if n_rep > 1:
         # repeat_interleave matches transformers' repeat_kv: query head h reads kv head h // n_rep.
         k = k.repeat_interleave(n_rep, dim=1)
@@ -269,11 +271,48 @@ def _attend_group(q, k, v, n_rep, dropout, scaling, window, softcap):
     )
 
 
-# Documents (padded) up to this length attend on the CPU by plain matmuls and softmax in fp32, not
-# sdpa: its CPU backward costs ~0.7 ms per 64-token document whatever the work (SmolLM2 shapes, 9
-# heads of 64, 2 cores: 4 × 128 tokens forward + backward 6.5 ms with sdpa, 3.7 ms this way; at 192
-# tokens sdpa is ahead). The (L × L) probabilities this keeps for the backward are small there.
-_MATH_ATTENTION_MAX_LENGTH = 128
+# Documents (padded) up to this length attend on the CPU through `_ShortCausalAttention` (plain
+# matmuls in the activations' dtype, softmax in fp32), not sdpa, whose CPU backward costs ~0.7 ms
+# per document whatever its length. SmolLM2 shapes (9 heads of 64 on 3 kv heads, bf16), forward +
+# backward, 2 Xeon cores: 4 × 64 tokens 1.3 ms vs 3.1 with sdpa, 2 × 192 2.4 vs 3.4, 384 4.3 vs 4.7,
+# 512 7.1 vs 7.3, 768 32 vs 11. The bf16 (L × L) probabilities it keeps for the backward (2.6 MB
+# per 384-token document and layer) are what bounds it; sdpa keeps none.
+_MATH_ATTENTION_MAX_LENGTH = 384
+
+
+class _ShortCausalAttention(torch.autograd.Function):
+    """softmax(q k^T · scale, masked to `allowed`) v for q (G, Hq, L, D), k/v (G, Hkv, L, D) ->
+    (G, Hq, L, D): matmuls in q's dtype, softmax in fp32 (as transformers' eager attention).
+    Saves the probabilities in q's dtype only (autograd through the same ops would also keep the
+    fp32 softmax output, three times as much). Query head h reads kv head h // (Hq / Hkv) without
+    copying k and v: the query heads of one kv head are one (rep·L, D) matrix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, allowed):
+        groups, heads, length, dim = q.shape
+        kv_heads = k.shape[1]
+        rep = heads // kv_heads
+        qg = q.reshape(groups, kv_heads, rep * length, dim)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).view(groups, kv_heads, rep, length, length)
+        scores = scores.float().mul_(scale).masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(groups, kv_heads, rep * length, length)
+        out = torch.matmul(probs, v)  # (G, Hkv, rep·L, D)
+        ctx.save_for_backward(qg, k, v, probs, out)
+        ctx.scale, ctx.q_shape = scale, q.shape
+        return out.view(groups, heads, length, dim)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qg, k, v, probs, out = ctx.saved_tensors
+        grad_out = grad_out.reshape(out.shape)  # (G, Hkv, rep·L, D)
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)  # sums over the rep query heads
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).float()
+        # softmax backward: dS = P (dP - Σ_j P dP), and Σ_j P dP = Σ_d dO · O per query
+        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        grad_scores = (probs.float() * grad_probs.sub_(delta)).mul_(ctx.scale).to(qg.dtype)
+        grad_q = torch.matmul(grad_scores, k)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), qg)
+        return grad_q.view(ctx.q_shape), grad_k, grad_v, None, None
 
 
 def _allowed(length: int, window: int | None, device) -> torch.Tensor:

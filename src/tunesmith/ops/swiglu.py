@@ -191,12 +191,17 @@ class GatedMLP(nn.Module):
         self.down_proj = down_proj
         self.fused_input = gate_up_proj is not None
         self.activation, self.impl = activation, impl
+        self._stacked: dict = {}  # gate/up weights stacked by lora_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_input:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each (..., I)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            from tunesmith.ops.lora import lora_projections
+
+            # one matmul for both when they are fast LoRA layers
+            projections = (self.gate_proj, self.up_proj)
+            gate, up = lora_projections(x, projections, self._stacked) or (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(glu(gate, up, self.activation, impl=self.impl))
 
     def extra_repr(self) -> str:
