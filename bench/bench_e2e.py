@@ -73,11 +73,13 @@ def bench_records(n: int):
     return make_dataset(n, flavour="prompt_completion", seed=SEED)
 
 
-def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examples: int) -> dict:
+def build_trainer(contender: str, max_steps: int, n_examples: int):
+    """The contender's trainer on the benchmark's model, LoRA, data and settings, and the
+    TokenCounter around its data collator."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.models.load import default_model_path
 
@@ -120,7 +122,15 @@ def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examp
     )
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
+    return trainer, counter
 
+
+def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examples: int) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    trainer, counter = build_trainer(contender, max_steps, n_examples)
+    library, overrides = CONTENDERS[contender]
     record = {"steps": [], "losses": []}
 
     class Clock(TrainerCallback):

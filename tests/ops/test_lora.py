@@ -225,8 +225,12 @@ def test_projections_fall_back_to_separate_calls_unless_all_are_fast():
     x = torch.randn(1, 5, 64)
     assert lora_projections(x, (attention.q_proj, attention.k_proj, attention.v_proj), {}) is None
     assert len(lora_projections(x, (attention.q_proj, attention.v_proj), {})) == 2
+    stacked: dict = {}
+    assert len(lora_projections(x, (attention.q_proj, attention.v_proj), stacked)) == 2
+    assert stacked["weight"].shape == (64 + 32, 64)
     with model.disable_adapter():
-        assert lora_projections(x, (attention.q_proj, attention.v_proj), {}) is None
+        assert lora_projections(x, (attention.q_proj, attention.v_proj), stacked) is None
+    assert stacked == {}  # the copy is not kept while it is not used
 
 
 def test_stacked_weights_follow_changes_to_the_base_weights():

@@ -111,10 +111,9 @@ def lora_projections(x, layers, stacked: dict) -> tuple[torch.Tensor, ...] | Non
     stacked frozen weight and bias (a dict it keeps; rebuilt whenever a weight is replaced or
     changed in place). None, with nothing computed, off the CPU or unless every layer is a
     `FastLoraLinear` on its plain path (`FastLoraLinear.plain_parts`)."""
-    if x.device.type != "cpu":
-        return None
     parts = [layer.plain_parts(x) if isinstance(layer, FastLoraLinear) else None for layer in layers]
-    if any(part is None for part in parts):
+    if x.device.type != "cpu" or any(part is None for part in parts):
+        stacked.clear()  # e.g. after merge_and_unload: no second copy of the weights kept for nothing
         return None
     weights, biases, lora_as, lora_bs, scalings = zip(*parts)
     key = [(t.data_ptr(), t._version, t.dtype) for t in (*weights, *biases) if t is not None]
