@@ -272,19 +272,21 @@ def _attend_group(q, k, v, n_rep, dropout, scaling, window, softcap):
 
 
 # Documents (padded) up to this length attend on the CPU through `_ShortCausalAttention` (plain
-# matmuls in the activations' dtype, softmax in fp32), not sdpa, whose CPU backward costs ~0.7 ms
-# per document whatever its length. SmolLM2 shapes (9 heads of 64 on 3 kv heads, bf16), forward +
-# backward, 2 Xeon cores: 4 × 64 tokens 1.3 ms vs 3.1 with sdpa, 2 × 192 2.4 vs 3.4, 384 4.3 vs 4.7,
-# 512 7.1 vs 7.3, 768 32 vs 11. The bf16 (L × L) probabilities it keeps for the backward (2.6 MB
-# per 384-token document and layer) are what bounds it; sdpa keeps none.
+# matmuls in the activations' dtype), not sdpa, whose CPU backward costs ~0.7 ms per document
+# whatever its length (SmolLM2 shapes, 9 heads of 64 on 3 kv heads, bf16, forward + backward, 2
+# cores: 4 × 64 tokens 1.0-1.6 ms vs 3.0 with sdpa). Above ~256 tokens the two are within a few
+# percent of each other, and sdpa pulls ahead from ~640. A SmolLM2 LoRA step (bench/ab_step.py)
+# ran 3% faster with 384 than with 128, and within 1% with 256 or 512. The bf16 (L × L)
+# probabilities kept for the backward (2.6 MB per 384-token document and layer) bound it.
 _MATH_ATTENTION_MAX_LENGTH = 384
 
 
 class _ShortCausalAttention(torch.autograd.Function):
     """softmax(q k^T · scale, masked to `allowed`) v for q (G, Hq, L, D), k/v (G, Hkv, L, D) ->
-    (G, Hq, L, D): matmuls in q's dtype, softmax in fp32 (as transformers' eager attention).
-    Saves the probabilities in q's dtype only (autograd through the same ops would also keep the
-    fp32 softmax output, three times as much). Query head h reads kv head h // (Hq / Hkv) without
+    (G, Hq, L, D), in q's dtype: the scale is applied to q (a (L, D) pass instead of (L, L)), the
+    softmax reads and writes q's dtype and accumulates in fp32 (torch's CPU softmax), the
+    softmax backward is fp32. Saves the probabilities in q's dtype only (autograd through the
+    same ops would also keep an fp32 copy). Query head h reads kv head h // (Hq / Hkv) without
     copying k and v: the query heads of one kv head are one (rep·L, D) matrix."""
 
     @staticmethod
@@ -292,26 +294,26 @@ class _ShortCausalAttention(torch.autograd.Function):
         groups, heads, length, dim = q.shape
         kv_heads = k.shape[1]
         rep = heads // kv_heads
-        qg = q.reshape(groups, kv_heads, rep * length, dim)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).view(groups, kv_heads, rep, length, length)
-        scores = scores.float().mul_(scale).masked_fill_(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(groups, kv_heads, rep * length, length)
+        q_scaled = (q * scale).reshape(groups, kv_heads, rep * length, dim)
+        scores = torch.matmul(q_scaled, k.transpose(-1, -2)).view(groups, kv_heads, rep, length, length)
+        scores.masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(groups, kv_heads, rep * length, length)
         out = torch.matmul(probs, v)  # (G, Hkv, rep·L, D)
-        ctx.save_for_backward(qg, k, v, probs, out)
+        ctx.save_for_backward(q_scaled, k, v, probs, out)
         ctx.scale, ctx.q_shape = scale, q.shape
         return out.view(groups, heads, length, dim)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qg, k, v, probs, out = ctx.saved_tensors
+        q_scaled, k, v, probs, out = ctx.saved_tensors
         grad_out = grad_out.reshape(out.shape)  # (G, Hkv, rep·L, D)
         grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)  # sums over the rep query heads
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).float()
         # softmax backward: dS = P (dP - Σ_j P dP), and Σ_j P dP = Σ_d dO · O per query
         delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-        grad_scores = (probs.float() * grad_probs.sub_(delta)).mul_(ctx.scale).to(qg.dtype)
-        grad_q = torch.matmul(grad_scores, k)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), qg)
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).float()
+        grad_scores = grad_probs.sub_(delta).mul_(probs).to(q_scaled.dtype)  # d(scaled scores)
+        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q_scaled)
         return grad_q.view(ctx.q_shape), grad_k, grad_v, None, None
 
 
