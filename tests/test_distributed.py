@@ -4,7 +4,6 @@ one process with the same global batch, on examples with very different supervis
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -41,12 +40,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path, name, nproc, batch):
     out = tmp_path / name
     out.mkdir()
@@ -67,7 +60,8 @@ def _run(tmp_path, name, nproc, batch):
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
-            f"--master_port={_free_port()}",
+            # torchrun binds its own free port: a port probed here could be taken before it binds
+            "--standalone",
             str(script),
             str(out),
             str(batch),
