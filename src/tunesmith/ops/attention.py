@@ -255,7 +255,7 @@ def _attend_group(q, k, v, n_rep, dropout, scaling, window, softcap):
     length = q.shape[2]
     short = not q.is_cuda and length <= _MATH_ATTENTION_MAX_LENGTH
     if softcap is not None or (short and dropout > 0):
-        # Soft-capped scores (Gemma-2) are not expressible in sdpa
+        # Soft-capped scores (Gemma-2) are not expressible in sdpa; _ShortCausalAttention has no dropout
         return _attend_math(q, k, v, dropout, scaling, window, softcap, torch.float32 if short else q.dtype)
     if short:  # faster on the CPU than sdpa (below)
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5

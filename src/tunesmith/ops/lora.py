@@ -111,8 +111,11 @@ def lora_projections(x, layers, stacked: dict) -> tuple[torch.Tensor, ...] | Non
     stacked frozen weight and bias (a dict it keeps; rebuilt whenever a weight is replaced or
     changed in place). None, with nothing computed, off the CPU or unless every layer is a
     `FastLoraLinear` on its plain path (`FastLoraLinear.plain_parts`)."""
-    parts = [layer.plain_parts(x) if isinstance(layer, FastLoraLinear) else None for layer in layers]
-    if x.device.type != "cpu" or any(part is None for part in parts):
+    on_cpu = x.device.type == "cpu"
+    parts = [
+        layer.plain_parts(x) if on_cpu and isinstance(layer, FastLoraLinear) else None for layer in layers
+    ]
+    if any(part is None for part in parts):
         stacked.clear()  # e.g. after merge_and_unload: no second copy of the weights kept for nothing
         return None
     weights, biases, lora_as, lora_bs, scalings = zip(*parts)
@@ -170,12 +173,12 @@ class FastLoraLinear(PeftLoraLinear):
         return base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
 
     def forward(self, x, *args, **kwargs):
+        parts = None if args or kwargs else self.plain_parts(x)
+        if parts is not None:
+            return lora_linear(x, *parts)
         name = self._plain_adapter()
         if args or kwargs or name is None:
             return super().forward(x, *args, **kwargs)
-        parts = self.plain_parts(x)
-        if parts is not None:
-            return lora_linear(x, *parts)
         base = self.base_layer
         result = base(x)
         delta = lora_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
