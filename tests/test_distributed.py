@@ -36,6 +36,10 @@ SCRIPT = textwrap.dedent(
     if trainer.is_world_process_zero():
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         json.dump({"losses": losses, "world_size": trainer.args.world_size}, open(out + "/losses.json", "w"))
+    # shut gloo down before the interpreter does: left to exit, a rank sometimes aborted
+    # ("terminate called without an active exception") after training had finished
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     """
 )
 
