@@ -141,7 +141,11 @@ def test_plain_training_arguments_keep_their_values(tmp_path):
 def test_unknown_keyword_is_a_type_error(tmp_path):
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['max_lenght'\]"):
         SFTTrainer(
-            tiny_model("llama"), args=config(tmp_path), processing_class=tiny_tokenizer(), max_lenght=4
+            tiny_model("llama"),
+            args=config(tmp_path),
+            train_dataset=FORMATS["text"],
+            processing_class=tiny_tokenizer(),
+            max_lenght=4,
         )
 
 
@@ -187,6 +191,7 @@ def test_eval_loss_does_not_depend_on_eval_batch_size(tmp_path):
         trainer = SFTTrainer(
             tiny_model("llama", initializer_range=0.5),
             args=config(tmp_path, per_device_eval_batch_size=eval_batch),
+            train_dataset=data,  # required, as in TRL; only evaluated here
             eval_dataset=data,
             processing_class=tiny_tokenizer(),
         )
@@ -203,6 +208,7 @@ def test_eval_dataset_dict_gets_one_prefix_each(tmp_path):
     trainer = SFTTrainer(
         tiny_model("llama"),
         args=config(tmp_path),
+        train_dataset=FORMATS["prompt_completion"],
         eval_dataset={"a": FORMATS["prompt_completion"], "b": FORMATS["messages"]},
         processing_class=tiny_tokenizer(),
     )
@@ -350,12 +356,14 @@ def test_a_collator_that_gives_only_labels_is_shifted_once(tmp_path):
     ours = SFTTrainer(
         tiny_model("llama", initializer_range=0.5),
         args=config(tmp_path),
+        train_dataset=data,
         eval_dataset=data,
         processing_class=tiny_tokenizer(),
     )
     theirs = SFTTrainer(
         tiny_model("llama", initializer_range=0.5),
         args=config(tmp_path),
+        train_dataset=data,
         eval_dataset=data,
         processing_class=tiny_tokenizer(),
         data_collator=labels_only,
@@ -408,6 +416,7 @@ def test_compute_metrics_gets_logits_and_labels(tmp_path):
     trainer = SFTTrainer(
         tiny_model("llama"),
         args=config(tmp_path, per_device_eval_batch_size=2),
+        train_dataset=FORMATS["prompt_completion"],
         eval_dataset=FORMATS["prompt_completion"],
         processing_class=tiny_tokenizer(),
         compute_metrics=compute_metrics,

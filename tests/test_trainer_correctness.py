@@ -163,7 +163,9 @@ def test_fused_loss_equals_transformers_loss_per_architecture(tmp_path, arch):
         dataset_cache_dir=False,
         memory_policy="none",
     )
-    trainer = SFTTrainer(model, args=args, eval_dataset=EIGHT, processing_class=tiny_tokenizer())
+    trainer = SFTTrainer(
+        model, args=args, train_dataset=EIGHT, eval_dataset=EIGHT, processing_class=tiny_tokenizer()
+    )
     expected = hf_token_mean_loss(tiny_model(arch, initializer_range=0.5, **overrides), trainer.eval_dataset)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
 
@@ -182,6 +184,7 @@ def test_peft_modules_to_save_head_is_the_one_used(tmp_path):
     trainer = SFTTrainer(
         tiny_model("llama", initializer_range=0.5),
         args=args,
+        train_dataset=EIGHT,  # required, as in TRL; only evaluated here
         eval_dataset=EIGHT,
         processing_class=tiny_tokenizer(),
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import logging
 import os
 import types
 import typing
@@ -51,6 +52,8 @@ _SECRET_FIELDS = {"hub_token", "push_to_hub_token", "hub_private_repo_token", "t
 
 _shown_notices: set[str] = set()
 
+logger = logging.getLogger(__name__)
+
 
 def deprecation_notice(key: str, message: str) -> None:
     """Warn once per process per `key` (a FutureWarning, like TRL's own deprecations)."""
@@ -58,6 +61,14 @@ def deprecation_notice(key: str, message: str) -> None:
         return
     _shown_notices.add(key)
     warnings.warn(message, FutureWarning, stacklevel=3)
+
+
+def kernel_notice(key: str, message: str) -> None:
+    """Log `message` once per process per `key` (a setting accepted and mapped, not deprecated)."""
+    if key in _shown_notices:
+        return
+    _shown_notices.add(key)
+    logger.warning(message)
 
 
 class ConfigError(ValueError):
@@ -352,6 +363,7 @@ class SFTConfig(TrainingArguments):
             )
             self.max_length = self.max_seq_length
             self.max_seq_length = None
+        self._kernels_from_peer_spellings()
         if self.bf16 is None:
             self.bf16 = not self.fp16 and _bf16_supported()
         if self.bf16 and not self.use_cpu and not _has_accelerator():
@@ -368,6 +380,34 @@ class SFTConfig(TrainingArguments):
         _check_choice("memory_policy", self.memory_policy, ("auto", "none", "checkpoint", "offload"))
         _check_choice("model_quantization", self.model_quantization, (None, "4bit", "8bit"))
         super().__post_init__()
+
+    def _kernels_from_peer_spellings(self) -> None:
+        """TRL's kernel switches mean tunesmith's own kernels: `use_liger_kernel=True` (TRL ≤ 1.15, a
+        TrainingArguments field that would make Trainer import liger-kernel) and `use_kernels` given as
+        a kernel source name (TRL 1.16, e.g. "liger"). One notice each; no Liger dependency."""
+        if self.use_liger_kernel:
+            kernel_notice(
+                "use_liger_kernel",
+                "use_liger_kernel=True: tunesmith uses its own kernels instead of Liger's (fused LM-head loss "
+                "that never builds the logits, fused RMSNorm / SwiGLU / RoPE / LoRA); liger-kernel is not "
+                "needed. Same as use_kernels=True.",
+            )
+            self.use_liger_kernel = False
+            self.liger_kernel_config = None
+            self.use_kernels = True
+        if isinstance(self.use_kernels, str):
+            value = self.use_kernels
+            off = value.strip().lower() in ("false", "no", "none", "off", "0", "")
+            kernel_notice(
+                f"use_kernels={value}",
+                f"use_kernels={value!r}: tunesmith has no kernel sources to choose from; "
+                + (
+                    "kernels are off (use_kernels=False)."
+                    if off
+                    else "its own kernels are used (use_kernels=True)."
+                ),
+            )
+            self.use_kernels = not off
 
     # ---- serialised form ----
     def to_yaml_dict(self) -> dict[str, dict[str, Any]]:

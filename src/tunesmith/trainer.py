@@ -23,6 +23,7 @@ import dataclasses
 import inspect
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -103,6 +104,7 @@ class SFTTrainer(Trainer):
         args = _as_sft_config(args, model)
         max_length_given = "max_seq_length" in old_kwargs
         processing_class = _apply_old_kwargs(args, processing_class, old_kwargs)
+        _check_before_work(args, train_dataset, formatting_func)
         model_max_length = getattr(model, "max_seq_length", None)  # set by FastLanguageModel
         if model_max_length and args.max_length == SFTConfig.max_length and not max_length_given:
             logger.info("using the model's max_seq_length=%d as max_length", model_max_length)
@@ -116,6 +118,8 @@ class SFTTrainer(Trainer):
             train_dataset, eval_dataset = _prepare_datasets(
                 train_dataset, eval_dataset, processing_class, args, formatting_func
             )
+        # evaluate(eval_dataset=raw) prepares it as the constructor's eval_dataset
+        self._formatting_func, self._skip_prepare = formatting_func, skip_prepare
         if data_collator is None:
             data_collator = _default_collator(model, processing_class, args)
         _no_batch_dispatch_for_streams(args, train_dataset, eval_dataset)
@@ -226,6 +230,16 @@ class SFTTrainer(Trainer):
             forward = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}
             logits = model(**forward, use_cache=False).logits
         return loss, logits, inputs["labels"]
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Trainer.evaluate, with a raw `eval_dataset` (or a dict of them) prepared exactly as the
+        constructor prepares its `eval_dataset`: format, template, masks, `eval_packing`, cache. A dataset
+        this trainer already prepared, or a name of one of its eval sets, is used as it is."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str) and not self._skip_prepare:
+            eval_dataset = _prepare_eval(
+                eval_dataset, self.processing_class, self.args, self._formatting_func
+            )
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -446,7 +460,13 @@ def _as_sft_config(args, model) -> SFTConfig:
     if isinstance(args, SFTConfig):
         return args
     if args is None:
-        name = model if isinstance(model, str) else _model_name(model) if model is not None else "tunesmith"
+        name = (
+            str(model)
+            if isinstance(model, (str, os.PathLike))
+            else _model_name(model)
+            if model is not None
+            else "tunesmith"
+        )
         return SFTConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-SFT")
     if not isinstance(args, TrainingArguments):
         raise TypeError(
@@ -511,20 +531,11 @@ def _model_name(model) -> str:
 
 def _prepare_model(model, args: SFTConfig, peft_config):
     """Load (if given by name), add LoRA, swap in fast modules and set the memory policy."""
-    if model is None or isinstance(model, str):
+    if model is None or isinstance(model, (str, os.PathLike)):
         from tunesmith.models.load import default_model_path, load_model
 
-        name = model or args.model_name_or_path or str(default_model_path())
-        attn = None if args.attention in ("auto", "tunesmith_varlen") else args.attention
-        model = load_model(
-            name,
-            dtype=args.model_dtype,
-            trust_remote_code=args.trust_remote_code,
-            attn_implementation=attn,
-            quantization=args.model_quantization,
-            gguf_file=args.model_gguf_file,
-            **(args.model_init_kwargs or {}),
-        )
+        name = str(model or args.model_name_or_path or default_model_path())
+        model = load_model(name, **_load_kwargs(args))
     elif args.attention not in ("auto", "tunesmith_varlen"):
         _unwrap(model).set_attn_implementation(args.attention)
 
@@ -564,6 +575,46 @@ def _prepare_model(model, args: SFTConfig, peft_config):
                 activation_budget=None if budget is None else int(budget * 2**30),
             )
     return model, handle
+
+
+def _load_kwargs(args: SFTConfig) -> dict[str, Any]:
+    """`load_model` keyword arguments: tunesmith's choices from the config, then TRL's
+    `model_init_kwargs`, which win (`dtype` / `torch_dtype`, `attn_implementation`, `device_map`,
+    `revision`, `trust_remote_code`, `quantization_config`, ... all go to `from_pretrained`)."""
+    attn = None if args.attention in ("auto", "tunesmith_varlen") else args.attention
+    kwargs: dict[str, Any] = {
+        "dtype": args.model_dtype,
+        "trust_remote_code": args.trust_remote_code,
+        "attn_implementation": attn,
+        "quantization": args.model_quantization,
+        "gguf_file": args.model_gguf_file,
+    }
+    init = dict(args.model_init_kwargs or {})
+    if "dtype" in init or "torch_dtype" in init:
+        # The user's dtype (either spelling) replaces `model_dtype`. It goes to load_model as
+        # `torch_dtype`, a from_pretrained argument (its own `dtype` parameter is tunesmith's: there
+        # "auto" is the hardware's choice, while here "auto" means the checkpoint's dtype, as in TRL).
+        kwargs.pop("dtype")
+        init["torch_dtype"] = init.pop("dtype") if "dtype" in init else init["torch_dtype"]
+    if init.get("attn_implementation") is not None and args.attention == "auto":
+        # their attention also decides what padding-free batches use (see _default_collator)
+        args.attention = init["attn_implementation"]
+    kwargs.update(init)
+    return kwargs
+
+
+def _check_before_work(args: SFTConfig, train_dataset, formatting_func) -> None:
+    """The settings TRL refuses when the trainer is built, refused here too, before anything loads."""
+    if train_dataset is None:
+        raise ValueError(
+            "SFTTrainer: `train_dataset` is required (got None). Pass train_dataset=... (a datasets.Dataset, a "
+            "list of dicts, a file or folder path, or a Hub dataset name); to only evaluate, pass the eval data "
+            "as train_dataset too, or use `tunesmith train` with a `dataset:` section in the config."
+        )
+    if formatting_func is not None:
+        from tunesmith.data.pipeline import check_formatting_func_options
+
+        check_formatting_func_options(args.completion_only_loss)
 
 
 def _set_pad_token(tokenizer, args: SFTConfig) -> None:
@@ -669,16 +720,27 @@ def _prepare_tokenizer(tokenizer, model, args: SFTConfig):
 
 def _prepare_datasets(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func):
     """Both splits through `prepare_dataset`; the eval split packed as `eval_packing` says."""
-    eval_packing = args.packing if args.eval_packing is None else args.eval_packing
     train_dataset = _prepare(train_dataset, tokenizer, args, formatting_func, args.packing, "train")
+    return train_dataset, _prepare_eval(eval_dataset, tokenizer, args, formatting_func)
+
+
+def _prepare_eval(eval_dataset, tokenizer, args: SFTConfig, formatting_func):
+    """An eval split (or a dict of them) through `prepare_dataset`, packed as `eval_packing` says;
+    one that is already prepared (has `input_ids` and `seq_lengths`) is returned as it is."""
+    eval_packing = args.packing if args.eval_packing is None else args.eval_packing
     if isinstance(eval_dataset, dict):
-        eval_dataset = {
-            name: _prepare(ds, tokenizer, args, formatting_func, eval_packing, f"eval[{name}]")
+        return {
+            name: _prepare_eval_one(ds, tokenizer, args, formatting_func, eval_packing, f"eval[{name}]")
             for name, ds in eval_dataset.items()
         }
-    else:
-        eval_dataset = _prepare(eval_dataset, tokenizer, args, formatting_func, eval_packing, "eval")
-    return train_dataset, eval_dataset
+    return _prepare_eval_one(eval_dataset, tokenizer, args, formatting_func, eval_packing, "eval")
+
+
+def _prepare_eval_one(dataset, tokenizer, args, formatting_func, packing, name):
+    columns = getattr(dataset, "column_names", None) or []
+    if {"input_ids", "seq_lengths"} <= set(columns):
+        return dataset  # prepared already (by this trainer's constructor or prepare_dataset)
+    return _prepare(dataset, tokenizer, args, formatting_func, packing, name)
 
 
 class _WithExampleIndex:

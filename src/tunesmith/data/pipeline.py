@@ -170,6 +170,8 @@ def prepare_dataset(
     """
     started = time.perf_counter()
     _check_settings(max_length, truncation_mode, packing, packing_strategy)
+    if formatting_func is not None:
+        check_formatting_func_options(completion_only_loss)
     dataset_kwargs = dict(dataset_kwargs or {})
     skip = bool(dataset_kwargs.pop("skip_prepare_dataset", False))
     settings = {
@@ -228,6 +230,7 @@ def prepare_dataset(
 
     stats.examples_in = len(dataset)
     stats.format = _detect(dataset, options)
+    check_loss_format(stats.format, assistant_only_loss, stats.source, dataset.column_names)
     table = _tokenize_dataset(dataset, tokenizer, stats.format, options, dataset_num_proc)
     table = _truncate_and_pack(table, stats, settings)
     if len(table) == 0:
@@ -242,6 +245,35 @@ def prepare_dataset(
         _save_cached(cache_path, result, stats)
     logger.info("%s", stats.summary())
     return PreparedDataset(result, stats)
+
+
+# Source formats whose examples are conversations (what assistant_only_loss needs)
+CONVERSATIONAL_FORMATS = ("messages", "sharegpt", "conversational_prompt_completion")
+
+
+def check_formatting_func_options(completion_only_loss) -> None:
+    """completion_only_loss=True cannot apply to a formatting_func's output: a string has no
+    prompt/completion boundary. TRL refuses the pair; so do we, naming the setting."""
+    if completion_only_loss is True:
+        raise ValueError(
+            "completion_only_loss=True cannot be used with a formatting_func: the function returns one string, "
+            "which has no prompt/completion boundary. Drop formatting_func and give prompt/completion columns "
+            "(the loss is then on the completion), or set completion_only_loss=False (or leave it unset) to "
+            "train on the whole formatted text."
+        )
+
+
+def check_loss_format(fmt: str, assistant_only_loss, source: str, columns) -> None:
+    """assistant_only_loss=True needs conversations; on any other format it would train every token
+    without saying so. `fmt` is the detected (or forced) source format."""
+    if assistant_only_loss is True and fmt not in CONVERSATIONAL_FORMATS:
+        raise ValueError(
+            f"{source}: assistant_only_loss=True needs conversational data (a `messages` column, ShareGPT "
+            f"`conversations`, or prompt/completion holding message lists), but the data was detected as "
+            f"{fmt!r} (columns: {', '.join(map(str, columns)) or 'none'}). Set assistant_only_loss=False (or "
+            "leave it unset); for prompt/completion data completion_only_loss (on by default) already trains "
+            "the completion only."
+        )
 
 
 def _check_settings(max_length, truncation_mode, packing, packing_strategy) -> None:
@@ -305,8 +337,8 @@ def _tokenize_dataset(dataset, tokenizer, fmt: str, options: dict, num_proc) -> 
 
 def _tokenize_options(tokenizer, fmt: str, options: dict) -> dict:
     """Keyword arguments for tokenize_example, with the chat template resolved once."""
-    if fmt == "tokenized":
-        return {}
+    if fmt == "tokenized":  # labels as given, or every token; train_on_inputs=True: every token
+        return {"train_on_inputs": options["train_on_inputs"]}
     if tokenizer is None:
         raise ValueError(
             f"the data is in the {fmt!r} format and needs a tokenizer; pass one (or pre-tokenized input_ids)"
@@ -350,10 +382,6 @@ def _tokenize_one(example: dict, index: int, fmt: str, tokenizer, options: dict)
         formatting_func=options.get("formatting_func"),
         index=index,
     )
-    if "input_ids" in normalized:  # pre-tokenized: labels default to the tokens themselves
-        ids = list(normalized["input_ids"])
-        example_labels = normalized.get("labels")
-        return ids, ids if example_labels is None else list(example_labels)
     from tunesmith.data.tokenize import tokenize_example
 
     kwargs = {k: v for k, v in options.items() if k not in ("dataset_text_field", "formatting_func")}
@@ -441,6 +469,7 @@ def _prepare_stream(
     if settings["shuffle_dataset"]:
         dataset = dataset.shuffle(seed=settings["seed"], buffer_size=STREAM_PACKING_BUFFER)
     stats.format = _detect(dataset, options)
+    check_loss_format(stats.format, options["assistant_only_loss"], stats.source, dataset.column_names or [])
     stats.examples_in = stats.examples_out = 0
     stats.dropped = {"longer_than_max_length": 0, "no_trained_token": 0}
     stats.packing_strategy = settings["packing_strategy"]

@@ -184,9 +184,12 @@ def _eos_id(tokenizer, eos_token, where) -> int | None:
     if eos_token is None:
         return tokenizer.eos_token_id
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)
-    if eos_id is None or eos_id == tokenizer.unk_token_id:
+    # An unknown string converts to the unk id; the unk token itself (SmolLM2's <|endoftext|> is
+    # its eos, bos and unk at once) converts to the same id and is a token like any other.
+    if eos_id is None or (eos_id == tokenizer.unk_token_id and eos_token != tokenizer.unk_token):
         raise DataError(
-            f"eos_token={eos_token!r} is not a token of the tokenizer; use one of its special tokens"
+            f"eos_token={eos_token!r} is not a token of the tokenizer; use one of its tokens, e.g. its "
+            f"special tokens {', '.join(map(repr, tokenizer.all_special_tokens))}"
         )
     return eos_id
 

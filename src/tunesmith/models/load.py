@@ -313,22 +313,26 @@ def load_model(
     dtype: "auto" (see `resolve_dtype`), a name or a torch dtype. quantization: None, "4bit" (NF4, double
     quantization, bf16 compute: QLoRA) or "8bit", CUDA only. `model_init_kwargs` go to
     `from_pretrained` and may be TRL's `model_init_kwargs` ({"torch_dtype": ..., "revision": ...});
-    their `dtype` / `torch_dtype` wins over `dtype`. Note that "auto" here is the hardware's choice
-    (`resolve_dtype`), where TRL's "auto" means the dtype the checkpoint was saved in. Weights load from safetensors only unless
+    their `dtype` / `torch_dtype` wins over `dtype`. Note that `dtype="auto"` is the hardware's choice
+    (`resolve_dtype`), while "auto" given in `model_init_kwargs` means what it means to TRL and
+    from_pretrained: the dtype the checkpoint was saved in. Weights load from safetensors only unless
     `use_safetensors=False` is passed; a `quantization_config` passed there is used as is.
     """
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(model_init_kwargs)
+    checkpoint_dtype = False
     for key in ("torch_dtype", "dtype"):
         if key in kwargs:
             dtype = kwargs.pop(key)
+            # TRL's model_init_kwargs={"dtype": "auto"} means the checkpoint's own dtype, as from_pretrained
+            checkpoint_dtype = dtype == "auto"
     use_safetensors = kwargs.pop("use_safetensors", True)
     hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
 
     source = _resolve_source(name_or_path, gguf_file, **hub_kwargs)
     _check_weight_format(source, use_safetensors)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = "auto" if checkpoint_dtype else resolve_dtype(dtype)
     if quantization is not None:
         kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
         if device_map is None:
@@ -347,6 +351,7 @@ def load_model(
         use_safetensors=use_safetensors,
         **kwargs,
     )
+    torch_dtype = model.dtype if checkpoint_dtype else torch_dtype
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         "loaded %s: %s, %.1fM parameters, %s%s in %.1f s",

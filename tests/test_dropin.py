@@ -1,0 +1,277 @@
+"""Issue 11: what TRL and Unsloth users notice when a script moves over unchanged.
+
+Errors TRL raises at construction, settings that must pass through (`model_init_kwargs`, `Path`
+models, `eos_token` that is also the unknown token), `evaluate(eval_dataset=raw)`, the kernel
+switches of TRL (`use_liger_kernel`, `use_kernels="liger"`), NEFTune with the fused loss and
+pre-tokenized rows with `train_on_inputs`.
+"""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from tests.tiny import tiny_model, tiny_tokenizer
+from tunesmith import SFTConfig, SFTTrainer
+from tunesmith import config as config_module
+from tunesmith.data.pipeline import prepare_dataset
+from tunesmith.data.tokenize import tokenize_example
+
+PAIRS = [
+    ("What is the capital of France?", "Paris."),
+    ("Who wrote Hamlet?", "William Shakespeare."),
+    ("What color is the sky?", "Blue."),
+    ("Say yes.", "Yes."),
+]
+PROMPT_COMPLETION = [{"prompt": p, "completion": c} for p, c in PAIRS]
+MESSAGES = [
+    {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in PAIRS
+]
+
+
+def config(tmp_path, **overrides) -> SFTConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        dataset_cache_dir=False,
+        memory_policy="none",
+    )
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_notices():
+    config_module._shown_notices.clear()
+
+
+# ---------------------------------------------------------------------- errors at construction
+
+
+def test_no_train_dataset_is_an_error_that_names_it(tmp_path):
+    with pytest.raises(ValueError, match="`train_dataset` is required"):
+        SFTTrainer(tiny_model("llama"), args=config(tmp_path), processing_class=tiny_tokenizer())
+
+
+@pytest.mark.parametrize(
+    "rows, detected",
+    [
+        ([{"text": f"{p} {c}"} for p, c in PAIRS], "'text'"),
+        (PROMPT_COMPLETION, "'prompt_completion'"),
+    ],
+)
+def test_assistant_only_loss_on_data_that_is_not_conversational_is_an_error(tmp_path, rows, detected):
+    # before: trained every token without a word
+    with pytest.raises(ValueError, match=rf"assistant_only_loss=True needs conversational.*{detected}"):
+        SFTTrainer(
+            tiny_model("llama"),
+            args=config(tmp_path, assistant_only_loss=True),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tiny_tokenizer(),
+        )
+
+
+def test_assistant_only_loss_on_conversations_still_works(tmp_path):
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path, assistant_only_loss=True),
+        train_dataset=Dataset.from_list(MESSAGES),
+        processing_class=tiny_tokenizer(),
+    )
+    row = trainer.train_dataset[0]
+    # the user turn is not trained, the assistant's is: some labels masked, some not
+    assert -100 in row["labels"] and any(t != -100 for t in row["labels"])
+
+
+def test_completion_only_loss_with_formatting_func_is_an_error_before_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="completion_only_loss=True cannot be used with a formatting_func"):
+        SFTTrainer(
+            model="/no/such/model",  # never reached: the check comes first
+            args=config(tmp_path, completion_only_loss=True),
+            train_dataset=Dataset.from_list(PROMPT_COMPLETION),
+            formatting_func=lambda row: row["prompt"] + row["completion"],
+        )
+    # prepare_dataset (the CLI's path) refuses the same pair
+    with pytest.raises(ValueError, match="completion_only_loss=True cannot be used with a formatting_func"):
+        prepare_dataset(
+            PROMPT_COMPLETION,
+            tiny_tokenizer(),
+            formatting_func=lambda row: row["prompt"],
+            completion_only_loss=True,
+            cache_dir=False,
+        )
+
+
+# ---------------------------------------------------------------------- eos that is also unk
+
+
+def test_eos_token_may_be_the_unknown_token():
+    # SmolLM2's <|endoftext|> is its eos, bos and unk at once; here <unk> (id 3) plays that part
+    tok = tiny_tokenizer()
+    out = tokenize_example({"text": "Paris."}, tok, eos_token="<unk>")
+    assert out["input_ids"][-1] == 3 == tok.unk_token_id
+    # a string that is not a token stays an error, and says which
+    with pytest.raises(ValueError, match="'<not-a-token>' is not a token"):
+        tokenize_example({"text": "Paris."}, tok, eos_token="<not-a-token>")
+
+
+# ---------------------------------------------------------------------- pre-tokenized + train_on_inputs
+
+
+def test_pretokenized_labels_with_train_on_inputs_train_every_token():
+    rows = [{"input_ids": [7, 8, 9, 2], "labels": [-100, -100, 9, 2]}]
+    given = prepare_dataset(rows, None, cache_dir=False).dataset[0]
+    assert given["labels"] == [-100, -100, 9, 2]  # the labels as given
+    every = prepare_dataset(rows, None, train_on_inputs=True, cache_dir=False).dataset[0]
+    assert every["labels"] == [7, 8, 9, 2]  # as tokenize_example does: train_on_inputs trains every token
+
+
+# ---------------------------------------------------------------------- evaluate(eval_dataset=raw)
+
+
+def test_evaluate_prepares_a_raw_eval_dataset_as_the_constructor_does(tmp_path):
+    def build(**eval_kwargs):
+        return SFTTrainer(
+            tiny_model("llama"),
+            args=config(tmp_path, per_device_eval_batch_size=3),
+            train_dataset=Dataset.from_list(MESSAGES),
+            processing_class=tiny_tokenizer(),
+            **eval_kwargs,
+        )
+
+    expected = build(eval_dataset=Dataset.from_list(MESSAGES)).evaluate()
+    trainer = build()
+    raw = trainer.evaluate(eval_dataset=Dataset.from_list(MESSAGES))  # failed: "No columns ... match"
+    assert raw["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
+    assert raw["eval_num_supervised_tokens"] == expected["eval_num_supervised_tokens"]
+    both = trainer.evaluate(eval_dataset={"a": Dataset.from_list(MESSAGES), "b": MESSAGES[:2]})
+    assert both["eval_a_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
+    assert 0 < both["eval_b_num_supervised_tokens"] < expected["eval_num_supervised_tokens"]
+
+
+# ---------------------------------------------------------------------- models by path, model_init_kwargs
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder)  # fp32 on disk
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_a_path_object_works_where_a_string_path_does(tmp_path, saved_model):
+    trainer = SFTTrainer(model=saved_model, args=config(tmp_path), train_dataset=PROMPT_COMPLETION)
+    assert type(trainer.model).__name__ == "LlamaForCausalLM"
+    assert trainer.args.output_dir.endswith("out")
+
+
+@pytest.mark.parametrize(
+    "init_kwargs, dtype",
+    [
+        ({"dtype": "bfloat16"}, torch.bfloat16),  # raised TypeError: multiple values for 'dtype'
+        ({"torch_dtype": torch.bfloat16}, torch.bfloat16),  # TRL < 1.0 spelling
+        ({"dtype": "auto"}, torch.float32),  # as TRL / from_pretrained: the checkpoint's dtype
+    ],
+)
+def test_model_init_kwargs_dtype_wins(tmp_path, saved_model, init_kwargs, dtype):
+    args = config(tmp_path, model_dtype="float16", model_init_kwargs=init_kwargs)
+    trainer = SFTTrainer(model=str(saved_model), args=args, train_dataset=PROMPT_COMPLETION)
+    assert trainer.model.dtype == dtype
+
+
+def test_model_init_kwargs_attention_and_device_map_pass_through(tmp_path, saved_model, monkeypatch):
+    import transformers
+
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    init = {
+        "attn_implementation": "eager",
+        "device_map": "cpu",
+        "revision": "main",
+        "low_cpu_mem_usage": True,
+    }
+    trainer = SFTTrainer(
+        model=str(saved_model), args=config(tmp_path, model_init_kwargs=init), train_dataset=PROMPT_COMPLETION
+    )
+    assert {k: seen[k] for k in init} == init  # every one reached from_pretrained as given
+    # eager wins over tunesmith's per-document attention for padding-free batches
+    assert trainer.model.config._attn_implementation == "eager"
+    trainer.train()  # and it trains that way
+
+
+# ---------------------------------------------------------------------- TRL's kernel switches
+
+
+def test_use_liger_kernel_means_tunesmith_kernels_with_one_notice(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="tunesmith.config"):
+        first = config(tmp_path, use_liger_kernel=True, use_kernels=False)
+        config(tmp_path, use_liger_kernel=True)
+    assert first.use_kernels is True and first.use_liger_kernel is False  # Trainer never imports liger
+    notices = [r for r in caplog.records if "use_liger_kernel=True" in r.getMessage()]
+    assert len(notices) == 1
+    trainer = SFTTrainer(
+        tiny_model("llama"), args=first, train_dataset=PROMPT_COMPLETION, processing_class=tiny_tokenizer()
+    )
+    trainer.train()  # liger-kernel is not installed here: before, Trainer.train raised ImportError
+
+
+@pytest.mark.parametrize("value, on", [("liger", True), (True, True), (False, False), ("none", False)])
+def test_use_kernels_accepts_trl_values(tmp_path, value, on):
+    assert config(tmp_path, use_kernels=value).use_kernels is on
+
+
+# ---------------------------------------------------------------------- NEFTune with the fused loss
+
+
+def test_neftune_noise_reaches_the_fused_loss_in_training_only(tmp_path):
+    torch.manual_seed(0)
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path, neftune_noise_alpha=5.0, per_device_eval_batch_size=4),
+        train_dataset=PROMPT_COMPLETION,
+        eval_dataset=PROMPT_COMPLETION,
+        processing_class=tiny_tokenizer(),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = trainer._prepare_inputs(batch)
+    from transformers.integrations.neftune import activate_neftune, deactivate_neftune
+
+    model = trainer.model
+    model.train()
+    with torch.no_grad():
+        clean = trainer.compute_loss(model, dict(batch)).item()
+        handle = activate_neftune(model, 5.0)  # what Trainer.train does when neftune_noise_alpha is set
+        noisy = [trainer.compute_loss(model, dict(batch)).item() for _ in range(2)]
+        model.eval()
+        eval_with_hook = trainer.compute_loss(model, dict(batch)).item()
+        deactivate_neftune(model, handle)
+    # noise in training: each forward differs from the clean one and from the other
+    assert abs(noisy[0] - clean) > 1e-4 and abs(noisy[0] - noisy[1]) > 1e-4
+    # none in evaluation, even with the hook in place
+    assert eval_with_hook == pytest.approx(clean, abs=1e-6)
+    # and through Trainer.train: the hook is on during every step and gone afterwards
+    from transformers import TrainerCallback
+
+    embeddings = trainer.model.get_input_embeddings()
+    hooked = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            hooked.append(len(embeddings._forward_hooks))
+
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert hooked == [1, 1] and not embeddings._forward_hooks
