@@ -5,6 +5,8 @@ whose examples have very different numbers of supervised tokens, and they equal 
 token-mean cross-entropy of the eight examples computed here with transformers' own loss.
 """
 
+import math
+
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -211,10 +213,56 @@ def test_logits_path_for_sharded_models_equals_the_fused_loss(dft):
         for p, c in [(e["prompt"], e["completion"]) for e in EIGHT[:3]]
     ]
     batch = PaddingFreeCollator()(rows)
-    plain_loss, plain_correct = logits_loss_sum(model, batch, dft=dft)
+    plain_loss, plain_correct, plain_entropy = logits_loss_sum(model, batch, dft=dft)
     weight, bias = lm_head_parameters(model)
-    fused_loss, fused_correct = linear_cross_entropy(
-        final_hidden_states(model, batch), weight, batch["shift_labels"], bias=bias, softcap=5.0, dft=dft
+    fused_loss, fused_correct, fused_entropy = linear_cross_entropy(
+        final_hidden_states(model, batch),
+        weight,
+        batch["shift_labels"],
+        bias=bias,
+        softcap=5.0,
+        dft=dft,
+        return_entropy=True,
     )
     assert plain_loss.item() == pytest.approx(fused_loss.item(), rel=1e-5)
     assert int(plain_correct) == int(fused_correct)
+    assert plain_entropy.item() == pytest.approx(fused_entropy.item(), rel=1e-5)
+
+
+def hf_token_mean_entropy(model, dataset) -> float:
+    """Mean entropy of softmax(full logits) at the positions whose next token is trained, over `dataset`:
+    the reference for the `entropy` the fused loss logs without building those logits."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in dataset:
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].double()  # (T-1, V)
+            trained = torch.tensor(row["labels"][1:]) != -100
+            log_p = torch.log_softmax(logits[trained], dim=-1)
+            total += float(-(log_p.exp() * log_p).sum())
+            count += int(trained.sum())
+    return total / count
+
+
+def test_entropy_is_logged_in_training_and_evaluation_as_the_full_logits_give_it(tmp_path):
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=3,
+        max_steps=1,
+        logging_steps=1,
+        learning_rate=0.0,  # the weights stay, so the logged training entropy is the reference's too
+        report_to="none",
+        save_strategy="no",
+        dataset_cache_dir=False,
+        memory_policy="none",
+    )
+    model = tiny_model("llama", initializer_range=0.5)
+    trainer = SFTTrainer(
+        model, args=args, train_dataset=EIGHT, eval_dataset=EIGHT, processing_class=tiny_tokenizer()
+    )
+    expected = hf_token_mean_entropy(tiny_model("llama", initializer_range=0.5), trainer.eval_dataset)
+    assert 0.5 < expected < math.log(256)  # a real distribution, neither peaked nor uniform
+    assert trainer.evaluate()["eval_entropy"] == pytest.approx(expected, rel=1e-5)
+    trainer.train()
+    logged = next(e for e in trainer.state.log_history if "loss" in e)
+    assert logged["entropy"] == pytest.approx(expected, rel=1e-5)  # one step over all eight rows

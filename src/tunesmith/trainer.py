@@ -173,7 +173,7 @@ class SFTTrainer(Trainer):
             # memory_policy=auto: checkpoint just enough layers for this micro-batch's size
             self.memory_policy.plan(inputs["input_ids"].numel())
         shift_labels = inputs["shift_labels"]  # (B, T): next token where trained, else -100
-        loss_sum, num_correct = self._loss_sum(model, inputs)
+        loss_sum, num_correct, entropy_sum = self._loss_sum(model, inputs)
         num_supervised = (shift_labels != IGNORE_INDEX).sum()
         self.nonfinite_guard.check(loss_sum, self.state.global_step, example_index)
 
@@ -185,11 +185,12 @@ class SFTTrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
 
         if model.training:
-            self._window.add(loss_sum, num_correct, num_supervised, _real_tokens(inputs))
+            self._window.add(loss_sum, num_correct, num_supervised, _real_tokens(inputs), entropy_sum)
         return (loss, None) if return_outputs else loss
 
-    def _loss_sum(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum of the token losses of this micro-batch (fp32) and the number of argmax hits."""
+    def _loss_sum(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sums over the supervised tokens of this micro-batch: token losses (fp32), argmax hits, and
+        entropies of the predicted distribution (fp32, detached; logged as `entropy`)."""
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             # FSDP / ZeRO-3 gather the LM head's weight only inside the model's forward, so the fused
             # loss cannot read it from outside: let the model build the logits (more memory, same loss)
@@ -207,6 +208,7 @@ class SFTTrainer(Trainer):
             dft=self.args.loss_type == "dft",
             reduction="sum",
             impl="auto" if self.args.use_kernels else "reference",
+            return_entropy=True,
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -216,11 +218,11 @@ class SFTTrainer(Trainer):
         inputs.pop("example_index", None)
         _ensure_shift_labels(inputs)
         with torch.no_grad():
-            loss_sum, num_correct = self._loss_sum(model, inputs)
+            loss_sum, num_correct, entropy_sum = self._loss_sum(model, inputs)
         num_supervised = (inputs["shift_labels"] != IGNORE_INDEX).sum()
         if self._eval_totals is not None:
             self._eval_totals += torch.stack(
-                [loss_sum.double(), num_correct.double(), num_supervised.double()]
+                [loss_sum.double(), num_correct.double(), num_supervised.double(), entropy_sum.double()]
             )
         loss = (loss_sum / num_supervised.clamp(min=1)).detach()
         if prediction_loss_only:
@@ -244,13 +246,13 @@ class SFTTrainer(Trainer):
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        # loss sum, correct tokens, supervised tokens, summed over every eval batch
-        self._eval_totals = torch.zeros(3, dtype=torch.float64, device=self.args.device)
+        # loss sum, correct tokens, supervised tokens, entropy sum, summed over every eval batch
+        self._eval_totals = torch.zeros(4, dtype=torch.float64, device=self.args.device)
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
-            loss_sum, correct, supervised = self.accelerator.reduce(
+            loss_sum, correct, supervised, entropy = self.accelerator.reduce(
                 self._eval_totals, reduction="sum"
             ).tolist()
         finally:
@@ -261,6 +263,7 @@ class SFTTrainer(Trainer):
             eval_loss = loss_sum / supervised
             output.metrics[f"{metric_key_prefix}_loss"] = eval_loss
             output.metrics[f"{metric_key_prefix}_mean_token_accuracy"] = correct / supervised
+            output.metrics[f"{metric_key_prefix}_entropy"] = entropy / supervised
             output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(eval_loss, 700.0))
             output.metrics[f"{metric_key_prefix}_num_supervised_tokens"] = int(supervised)
         return output
@@ -290,13 +293,15 @@ class SFTTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: every process gets here together, so we can reduce
-            loss_sum, correct, supervised, tokens = self.accelerator.reduce(
+            loss_sum, correct, supervised, tokens, entropy = self.accelerator.reduce(
                 self._window.totals(), "sum"
             ).tolist()
             now = time.perf_counter()
             # running totals continue from the last log (also the one restored from a checkpoint)
             last = next((e for e in reversed(self.state.log_history) if "num_tokens" in e), {})
             logs["mean_token_accuracy"] = correct / supervised if supervised else 0.0
+            # mean entropy of the predicted next-token distribution over the supervised tokens (as TRL)
+            logs["entropy"] = entropy / supervised if supervised else 0.0
             logs["num_tokens"] = last.get("num_tokens", 0) + int(tokens)
             logs["num_supervised_tokens"] = last.get("num_supervised_tokens", 0) + int(supervised)
             logs["tokens_per_second"] = round(tokens / max(now - self._window_start, 1e-9), 2)
@@ -358,9 +363,12 @@ def _decoder(model) -> torch.nn.Module | None:
     return decoder if isinstance(decoder, torch.nn.Module) and decoder is not base else None
 
 
-def logits_loss_sum(model, inputs: dict, dft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_loss_sum(
+    model, inputs: dict, dft: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The plain path: full (B, T, V) logits from the model's forward (its soft-capping included),
-    then the summed cross-entropy against `shift_labels` and the argmax hits."""
+    then the summed cross-entropy against `shift_labels`, the argmax hits and the summed entropy of
+    the softmax at the supervised positions (detached)."""
     forward = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}
     logits = model(**forward, use_cache=False, return_dict=True).logits.float()  # (B, T, V)
     targets = inputs["shift_labels"]  # (B, T)
@@ -371,7 +379,10 @@ def logits_loss_sum(model, inputs: dict, dft: bool = False) -> tuple[torch.Tenso
         per_token = per_token * torch.exp(-per_token).detach()
     supervised = targets != IGNORE_INDEX
     num_correct = ((logits.argmax(-1) == targets) & supervised).sum().detach()
-    return per_token.sum(), num_correct
+    with torch.no_grad():
+        log_p = torch.log_softmax(logits[supervised], dim=-1)  # (n, V)
+        entropy_sum = -(log_p.exp() * log_p).sum()
+    return per_token.sum(), num_correct, entropy_sum
 
 
 def _unwrap(model) -> torch.nn.Module:
@@ -437,13 +448,14 @@ def _real_tokens(inputs: dict) -> torch.Tensor:
 
 
 class _TokenCounters:
-    """Local sums since the last log: loss, correct, supervised tokens, real tokens (one tensor, one reduce)."""
+    """Local sums since the last log: loss, correct, supervised tokens, real tokens, entropy (one
+    tensor, one reduce)."""
 
     def __init__(self, device):
-        self._sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self._sums = torch.zeros(5, dtype=torch.float64, device=device)
 
-    def add(self, loss_sum, correct, supervised, tokens):
-        values = [loss_sum.detach(), correct, supervised, tokens]
+    def add(self, loss_sum, correct, supervised, tokens, entropy):
+        values = [loss_sum.detach(), correct, supervised, tokens, entropy]
         self._sums += torch.stack([torch.as_tensor(v, device=self._sums.device).double() for v in values])
 
     def totals(self) -> torch.Tensor:

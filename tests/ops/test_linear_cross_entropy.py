@@ -241,3 +241,73 @@ def test_chunks_cover_every_row_once_in_few_distinct_sizes():
         assert (bounds[-1][1] if bounds else 0) == n
         sizes |= {b - a for a, b in bounds}
     assert sizes == {341} | set(range(32, 341, 32)) | set(range(1, 32))
+
+
+def entropy_from_full_logits(hidden, weight, bias, targets, softcap=None):
+    """(per-position entropy of the softmax, 0 where ignored), from the full logits in float64."""
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(
+            hidden.double(), weight.double(), None if bias is None else bias.double()
+        )
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        p = torch.softmax(logits, dim=-1)
+        entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+        return entropy * (targets != -100)
+
+
+ENTROPY_IMPLS = ["chunked", "reference", "triton"]
+
+
+@pytest.mark.parametrize("impl", ENTROPY_IMPLS)
+@pytest.mark.parametrize("kw", [{}, {"softcap": 3.0}, {"dft": True}])
+def test_entropy_matches_full_logits(impl, kw):
+    # A detached metric: forward only. Chunks of 100 over 168 supervised rows (two chunks, one partial);
+    # the logits are scaled so that some rows are peaked (entropy near 0) and some flat (near log V).
+    if impl == "triton" and not torch.cuda.is_available() and not interpreter_ready():
+        pytest.skip("triton is not installed")
+    hidden, weight, bias, targets = make()
+    with torch.no_grad():
+        hidden[::5] *= 8.0  # peaked rows
+        hidden[1::7] *= 0.01  # nearly uniform rows
+    softcap = kw.get("softcap")
+    expected = entropy_from_full_logits(hidden, weight, bias, targets, softcap)
+    n = (targets != -100).sum()
+    if softcap is None:  # both kinds of rows are present (soft-capping at 3 flattens every row)
+        assert expected.max() > 0.9 * math.log(507) and expected[targets != -100].min() < 0.5
+    args = dict(bias=bias, impl=impl, chunk_size=100, return_entropy=True, **kw)
+    loss, correct, total = linear_cross_entropy(hidden, weight, targets, reduction="sum", **args)
+    per_pos = linear_cross_entropy(hidden, weight, targets, reduction="none", **args)[2]
+    mean = linear_cross_entropy(hidden, weight, targets, reduction="mean", **args)[2]
+    assert not total.requires_grad and total.dtype == torch.float32
+    assert per_pos.shape == targets.shape
+    torch.testing.assert_close(per_pos.double(), expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(total.double(), expected.sum(), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(mean.double(), expected.sum() / n, atol=1e-5, rtol=1e-5)
+    # asking for the entropy changes neither the loss nor the hits
+    plain_loss, plain_correct = linear_cross_entropy(
+        hidden, weight, targets, reduction="sum", bias=bias, impl=impl, chunk_size=100, **kw
+    )
+    assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-6) and correct == plain_correct
+
+
+def test_entropy_in_bf16_matches_full_logits_of_the_same_bf16_matmul():
+    hidden, weight, bias, targets = make(dtype=torch.bfloat16)
+    _, _, per_pos = linear_cross_entropy(
+        hidden, weight, targets, bias=bias, reduction="none", chunk_size=64, return_entropy=True
+    )
+    # the reference rounds the logits to bf16 as the matmul does, then computes in fp32
+    _, _, ref = linear_cross_entropy(
+        hidden, weight, targets, bias=bias, reduction="none", impl="reference", return_entropy=True
+    )
+    torch.testing.assert_close(per_pos, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_entropy_backward_leaves_the_gradients_unchanged():
+    hidden, weight, bias, targets = make()
+    loss, _, _ = linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=100, return_entropy=True)
+    with_entropy = torch.autograd.grad(loss, [hidden, weight, bias])
+    loss, _ = linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=100)
+    without = torch.autograd.grad(loss, [hidden, weight, bias])
+    for a, b in zip(with_entropy, without):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -76,7 +76,8 @@ def linear_cross_entropy(
     reduction: str = "sum",
     impl: str = "auto",
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, without the full logits.
 
     Args:
@@ -98,11 +99,15 @@ def linear_cross_entropy(
             buffer; CUDA, or CPU under TRITON_INTERPRET=1), "reference" (full logits +
             F.cross_entropy, for tests), "auto" (= chunked, for now).
         chunk_size: tokens per chunk; default `default_chunk_size(V)` (~64 MB of fp32 logits).
+        return_entropy: also return the entropy of the predicted next-token distribution (after
+            soft-capping), `-sum_v p_v log p_v`, at the supervised positions, reduced as `reduction`
+            says (sum, mean over supervised tokens, or per position with 0 where ignored). A detached
+            fp32 metric (TRL logs it as `entropy`), computed chunk by chunk from the same logits.
 
     Returns:
-        (loss, num_correct): loss is fp32 (a scalar, or shaped like `targets` for "none");
-        num_correct is a detached int64 scalar, the number of supervised positions whose argmax
-        logit is the target.
+        (loss, num_correct), or (loss, num_correct, entropy) with `return_entropy`: loss is fp32 (a
+        scalar, or shaped like `targets` for "none"); num_correct is a detached int64 scalar, the
+        number of supervised positions whose argmax logit is the target.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction={reduction!r} is not one of {_REDUCTIONS}")
@@ -129,6 +134,7 @@ def linear_cross_entropy(
             softcap=softcap,
             dft=dft,
             reduction=reduction,
+            return_entropy=return_entropy,
         )
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0])
@@ -143,13 +149,16 @@ def linear_cross_entropy(
     h2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     flat_targets = targets.reshape(-1)  # (N,)
     if reduction == "none":
-        loss, correct = _RecomputeInBackward.apply(
-            h2d, weight, bias, flat_targets, ignore_index, softcap, dft, chunk_size, chunk_fn
+        loss, correct, entropy = _RecomputeInBackward.apply(
+            h2d, weight, bias, flat_targets, ignore_index, softcap, dft, chunk_size, chunk_fn, return_entropy
         )
-        return loss.view(targets.shape), correct
-    return _GradInForward.apply(
-        h2d, weight, bias, flat_targets, ignore_index, softcap, dft, reduction == "mean", chunk_size, chunk_fn
-    )
+        loss, entropy = loss.view(targets.shape), entropy.view(targets.shape)
+    else:
+        loss, correct, entropy = _GradInForward.apply(
+            h2d, weight, bias, flat_targets, ignore_index, softcap, dft, reduction == "mean", chunk_size,
+            chunk_fn, return_entropy,
+        )  # fmt: skip
+    return (loss, correct, entropy) if return_entropy else (loss, correct)
 
 
 def linear_cross_entropy_reference(
@@ -162,8 +171,10 @@ def linear_cross_entropy_reference(
     softcap: float | None = None,
     dft: bool = False,
     reduction: str = "sum",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain computation: full (N, V) logits in the input dtype, then fp32 cross-entropy."""
+    return_entropy: bool = False,
+):
+    """The plain computation: full (N, V) logits in the input dtype, then fp32 cross-entropy (and,
+    with `return_entropy`, the entropy of the softmax at the supervised positions, from the full logits)."""
     weight, bias = _in_dtype(weight, bias, hidden.dtype)  # as the chunked path does
     logits = F.linear(hidden, weight, bias).float()  # (..., V)
     if softcap is not None:
@@ -175,12 +186,15 @@ def linear_cross_entropy_reference(
     if dft:
         per_token = per_token * torch.exp(-per_token).detach()
     num_correct = ((logits.argmax(-1) == targets) & mask).sum().detach()
+    with torch.no_grad():
+        log_p = torch.log_softmax(logits, dim=-1)  # (..., V)
+        entropy = -(log_p.exp() * log_p).sum(-1) * mask  # (...), 0 where ignored
     if reduction == "none":
-        return per_token, num_correct
-    total = per_token.sum()
+        return (per_token, num_correct, entropy) if return_entropy else (per_token, num_correct)
+    total, entropy = per_token.sum(), entropy.sum()
     if reduction == "mean":
-        total = total / mask.sum().clamp(min=1)
-    return total, num_correct
+        total, entropy = total / mask.sum().clamp(min=1), entropy / mask.sum().clamp(min=1)
+    return (total, num_correct, entropy) if return_entropy else (total, num_correct)
 
 
 def _chunk_loss_and_grad(
@@ -192,8 +206,10 @@ def _chunk_loss_and_grad(
     dft: bool,
     want_grad: bool,
     row_scale: torch.Tensor | float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One chunk: per-token fp32 loss (c,), argmax hits (scalar), and d(sum of scaled loss)/d logits.
+    want_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One chunk: per-token fp32 loss (c,), argmax hits (scalar), d(sum of scaled loss)/d logits,
+    and the per-token entropy of the softmax (c,) when `want_entropy` (else None).
 
     h (c, H) and weight (V, H) in the compute dtype; t (c,). The logits matmul runs in the input
     dtype (bf16 matmuls are ~3× faster than fp32 on CPU and are what the plain loss does too) and
@@ -213,14 +229,27 @@ def _chunk_loss_and_grad(
     # one; the profile showed exp and sub over (c, V) at ~20% of the loss's CPU time).
     z_max, argmax = z.max(dim=-1, keepdim=True)  # (c, 1) each, one pass; first index on ties
     correct = (argmax.squeeze(1) == t).sum()  # on the capped logits, as the reference
-    e = z.sub_(z_max).exp_()  # (c, V), in place: exp(z - max)
+    z_shift = z.sub_(z_max)  # (c, V), in place: z - max
+    entropy = None
+    if want_entropy:
+        # H = log Σe - Σ e·(z - max) / Σe with e = exp(z - max). The dot product needs z - max after e
+        # exists, so e gets its own (c, V) buffer here (the chunk budget allows for it) and the (c,)
+        # dot products run as one batched matmul, without a (c, V) product temporary.
+        e = torch.exp(z_shift)
+        dot = torch.bmm(e.unsqueeze(1), z_shift.unsqueeze(2)).view(-1)  # (c,)
+        del z_shift, z
+    else:
+        e = z_shift.exp_()  # (c, V), in place: exp(z - max)
     sum_e = e.sum(dim=-1)  # (c,)
-    loss = z_max.squeeze(1) + sum_e.log() - z_target  # (c,) = log-sum-exp - z_target = -log p(target)
+    log_sum_e = sum_e.log()
+    loss = z_max.squeeze(1) + log_sum_e - z_target  # (c,) = log-sum-exp - z_target = -log p(target)
+    if want_entropy:
+        entropy = log_sum_e - dot / sum_e
     if dft:
         prob = torch.exp(-loss)  # p(target), detached by construction (no autograd in here)
         loss = loss * prob
     if not want_grad:
-        return loss, correct, None
+        return loss, correct, None, entropy
     # scale · (softmax - one_hot), in place: (c, V)
     scale = torch.ones_like(sum_e)
     if dft:
@@ -231,10 +260,10 @@ def _chunk_loss_and_grad(
     grad[rows, t] -= scale
     if tanh is not None:
         grad.mul_(1.0 - tanh * tanh)
-    return loss, correct, grad
+    return loss, correct, grad, entropy
 
 
-def _chunk_loss_and_grad_triton(h, weight, bias, t, softcap, dft, want_grad, row_scale):
+def _chunk_loss_and_grad_triton(h, weight, bias, t, softcap, dft, want_grad, row_scale, want_entropy=False):
     """`_chunk_loss_and_grad` with the part after the matmul in one Triton kernel: it reads the
     (c, V) logits twice (log-sum-exp, then gradient) and writes the gradient over them in the input
     dtype, so the chunk needs no fp32 (c, V) buffer. One program per token."""
@@ -242,17 +271,18 @@ def _chunk_loss_and_grad_triton(h, weight, bias, t, softcap, dft, want_grad, row
     logits = F.linear(h, weight, bias).contiguous()  # (c, V), input dtype; becomes the gradient
     c, v = logits.shape
     loss = torch.empty(c, dtype=torch.float32, device=h.device)
+    entropy = torch.empty(c, dtype=torch.float32, device=h.device) if want_entropy else loss
     hits = torch.empty(c, dtype=torch.int32, device=h.device)
     scale_rows = isinstance(row_scale, torch.Tensor)
     scalar = 1.0 if row_scale is None or scale_rows else float(row_scale)
     rows = row_scale.float().contiguous() if scale_rows else loss  # unused pointer when not scale_rows
     kernel[(c,)](
-        logits, logits.stride(0), t.contiguous(), loss, hits, rows, v,
+        logits, logits.stride(0), t.contiguous(), loss, hits, rows, entropy, v,
         scalar, softcap if softcap is not None else 1.0,
         SOFTCAP=softcap is not None, DFT=dft, WANT_GRAD=want_grad, SCALE_ROWS=scale_rows,
-        BLOCK=min(4096, 1 << max(4, (v - 1).bit_length())),
+        WANT_ENTROPY=want_entropy, BLOCK=min(4096, 1 << max(4, (v - 1).bit_length())),
     )  # fmt: skip
-    return loss, hits.sum(), logits if want_grad else None
+    return loss, hits.sum(), logits if want_grad else None, entropy if want_entropy else None
 
 
 @lazy_kernels
@@ -265,17 +295,20 @@ def _kernels():
 
     @triton.jit
     def ce_chunk(
-        LOGITS, stride, TARGETS, LOSS, HITS, ROW_SCALE, n_cols, scale, cap,
+        LOGITS, stride, TARGETS, LOSS, HITS, ROW_SCALE, ENTROPY, n_cols, scale, cap,
         SOFTCAP: tl.constexpr, DFT: tl.constexpr, WANT_GRAD: tl.constexpr, SCALE_ROWS: tl.constexpr,
-        BLOCK: tl.constexpr,
+        WANT_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         base = LOGITS + row * stride
         target = tl.load(TARGETS + row)
         cols = tl.arange(0, BLOCK)
-        # pass 1: running max and sum of exp (online softmax), and the first argmax of the logits
+        # pass 1: running max and sum of exp (online softmax), and the first argmax of the logits;
+        # for the entropy also d = Σ exp(z - m)·(z - m), rescaled like s when m grows:
+        # d' = exp(m - m')·(d - (m' - m)·s), so that H = log s - d / s at the end
         m = -float("inf")
         s = 0.0
+        d = 0.0
         best = -float("inf")
         best_idx = 0
         for start in range(0, n_cols, BLOCK):
@@ -291,7 +324,15 @@ def _kernels():
                 z = (1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0)) * cap
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            alpha = tl.exp(m - m_new)
+            if WANT_ENTROPY:
+                zs = tl.where(mask, z - m_new, 0.0)
+                d_block = tl.sum(tl.where(mask, tl.exp(zs) * zs, 0.0), axis=0)
+                if s > 0.0:
+                    d = alpha * (d - (m_new - m) * s) + d_block
+                else:  # the first block (m = -inf): nothing to rescale
+                    d = d_block
+            s = s * alpha + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
         lse = m + tl.log(s)
         z_t = tl.load(base + target).to(tl.float32)
@@ -307,6 +348,8 @@ def _kernels():
             g_scale = g_scale * p_t
         tl.store(LOSS + row, loss)
         tl.store(HITS + row, (best_idx == target).to(tl.int32))
+        if WANT_ENTROPY:
+            tl.store(ENTROPY + row, tl.log(s) - d / s)
         if WANT_GRAD:
             # pass 2: d loss / d logits = (softmax - onehot) * scale (* (1 - tanh²)), over the logits
             for start in range(0, n_cols, BLOCK):
@@ -372,7 +415,9 @@ class _GradInForward(torch.autograd.Function):
     """reduction "sum"/"mean": gradients are finished in the forward; backward scales them."""
 
     @staticmethod
-    def forward(ctx, h2d, weight, bias, targets, ignore_index, softcap, dft, mean, chunk_size, chunk_fn):
+    def forward(
+        ctx, h2d, weight, bias, targets, ignore_index, softcap, dft, mean, chunk_size, chunk_fn, want_entropy
+    ):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         want_grad = need_h or need_w or need_b
@@ -381,6 +426,7 @@ class _GradInForward(torch.autograd.Function):
         scale = 1.0 / n if (mean and n > 0) else 1.0
 
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        entropy = torch.zeros((), dtype=torch.float32, device=h.device)
         correct = torch.zeros((), dtype=torch.long, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None  # (n, H): each row written once
         # (V, H) accumulated over chunks, in the weight's dtype (see _FP32_ACCUMULATION_FOR_16BIT_WEIGHT).
@@ -392,9 +438,13 @@ class _GradInForward(torch.autograd.Function):
 
         for start, stop in _chunks(n, chunk_size):
             h_c, t_c = h[start:stop], t[start:stop]
-            loss_c, correct_c, g = chunk_fn(h_c, w, b, t_c, softcap, dft, want_grad, scale)
+            loss_c, correct_c, g, entropy_c = chunk_fn(
+                h_c, w, b, t_c, softcap, dft, want_grad, scale, want_entropy
+            )
             loss += loss_c.sum()
             correct += correct_c
+            if entropy_c is not None:
+                entropy += entropy_c.sum()
             if not want_grad:
                 continue
             if grad_b is not None:
@@ -408,20 +458,20 @@ class _GradInForward(torch.autograd.Function):
                 else:  # a (V, H) temporary per chunk: costs time and memory, hence not the default
                     grad_w += torch.mm(g.t(), h_c)
         if mean and n > 0:
-            loss = loss / n
+            loss, entropy = loss / n, entropy / n
 
         ctx.n_rows = h2d.shape[0]
-        ctx.mark_non_differentiable(correct)
+        ctx.mark_non_differentiable(correct, entropy)
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
         # Plain attributes, not save_for_backward: these are new tensors, and backward takes them over.
         ctx.grads = (idx, grad_h, grad_w, grad_b)
-        return loss, correct
+        return loss, correct, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_correct):
+    def backward(ctx, grad_loss, _grad_correct, _grad_entropy):
         if ctx.grads is None:
             raise RuntimeError(
                 "linear_cross_entropy: backward ran twice through the same loss (retain_graph=True?). Its "
@@ -440,7 +490,7 @@ class _GradInForward(torch.autograd.Function):
         for g in (grad_w, grad_b):
             if g is not None and scale is not None:
                 g.mul_(scale.to(g.dtype))
-        return grad_hidden, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_hidden, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 class _RecomputeInBackward(torch.autograd.Function):
@@ -449,15 +499,23 @@ class _RecomputeInBackward(torch.autograd.Function):
     logits in the backward (one extra matmul per chunk)."""
 
     @staticmethod
-    def forward(ctx, h2d, weight, bias, targets, ignore_index, softcap, dft, chunk_size, chunk_fn):
+    def forward(
+        ctx, h2d, weight, bias, targets, ignore_index, softcap, dft, chunk_size, chunk_fn, want_entropy
+    ):
         idx, h, t, w, b = _supervised(h2d, weight, bias, targets, ignore_index)
         per_token = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)  # (N,)
+        entropy = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)  # (N,)
         correct = torch.zeros((), dtype=torch.long, device=h.device)
         for start, stop in _chunks(t.shape[0], chunk_size):
-            loss_c, correct_c, _ = chunk_fn(h[start:stop], w, b, t[start:stop], softcap, dft, False, None)
+            h_c, t_c = h[start:stop], t[start:stop]
+            loss_c, correct_c, _, entropy_c = chunk_fn(
+                h_c, w, b, t_c, softcap, dft, False, None, want_entropy
+            )
             per_token[idx[start:stop]] = loss_c
+            if entropy_c is not None:
+                entropy[idx[start:stop]] = entropy_c
             correct += correct_c
-        ctx.mark_non_differentiable(correct)
+        ctx.mark_non_differentiable(correct, entropy)
         ctx.args = (
             softcap,
             dft,
@@ -468,10 +526,10 @@ class _RecomputeInBackward(torch.autograd.Function):
             chunk_fn,
         )
         ctx.save_for_backward(idx, h, t, weight, bias)
-        return per_token, correct
+        return per_token, correct, entropy
 
     @staticmethod
-    def backward(ctx, grad_per_token, _grad_correct):
+    def backward(ctx, grad_per_token, _grad_correct, _grad_entropy):
         softcap, dft, chunk_size, n_rows, w_dtype, b_dtype, chunk_fn = ctx.args
         idx, h, t, weight, bias = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -484,7 +542,7 @@ class _RecomputeInBackward(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
         for start, stop in _chunks(t.shape[0], chunk_size):
             h_c = h[start:stop]
-            _, _, g = chunk_fn(h_c, w, b, t[start:stop], softcap, dft, True, g_rows[start:stop])
+            _, _, g, _ = chunk_fn(h_c, w, b, t[start:stop], softcap, dft, True, g_rows[start:stop])
             if grad_b is not None:
                 grad_b += g.sum(0, dtype=torch.float32)
             g = g.to(dtype)
@@ -498,4 +556,4 @@ class _RecomputeInBackward(torch.autograd.Function):
             grad_hidden.index_copy_(0, idx, grad_h)
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
         grad_b = None if grad_b is None else grad_b.to(b_dtype)
-        return grad_hidden, grad_w, grad_b, None, None, None, None, None, None
+        return grad_hidden, grad_w, grad_b, None, None, None, None, None, None, None
