@@ -207,9 +207,11 @@ def _chunk_loss_and_grad(
     want_grad: bool,
     row_scale: torch.Tensor | float | None,
     want_entropy: bool = False,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One chunk: per-token fp32 loss (c,), argmax hits (scalar), d(sum of scaled loss)/d logits,
-    and the per-token entropy of the softmax (c,) when `want_entropy` (else None).
+    and the per-token entropy of the softmax (c,) when `want_entropy` (else None). `scratch`: an
+    fp32 buffer of at least (c, V) that the entropy's exp may write into (reused across chunks).
 
     h (c, H) and weight (V, H) in the compute dtype; t (c,). The logits matmul runs in the input
     dtype (bf16 matmuls are ~3× faster than fp32 on CPU and are what the plain loss does too) and
@@ -233,9 +235,10 @@ def _chunk_loss_and_grad(
     entropy = None
     if want_entropy:
         # H = log Σe - Σ e·(z - max) / Σe with e = exp(z - max). The dot product needs z - max after e
-        # exists, so e gets its own (c, V) buffer here (the chunk budget allows for it) and the (c,)
+        # exists, so e gets its own (c, V) buffer here (the chunk budget allows for it; one buffer reused
+        # by every chunk: a fresh 64 MB one per chunk cost as much again in page faults) and the (c,)
         # dot products run as one batched matmul, without a (c, V) product temporary.
-        e = torch.exp(z_shift)
+        e = torch.exp(z_shift) if scratch is None else torch.exp(z_shift, out=scratch[: z_shift.shape[0]])
         dot = torch.bmm(e.unsqueeze(1), z_shift.unsqueeze(2)).view(-1)  # (c,)
         del z_shift, z
     else:
@@ -263,7 +266,9 @@ def _chunk_loss_and_grad(
     return loss, correct, grad, entropy
 
 
-def _chunk_loss_and_grad_triton(h, weight, bias, t, softcap, dft, want_grad, row_scale, want_entropy=False):
+def _chunk_loss_and_grad_triton(
+    h, weight, bias, t, softcap, dft, want_grad, row_scale, want_entropy=False, scratch=None
+):
     """`_chunk_loss_and_grad` with the part after the matmul in one Triton kernel: it reads the
     (c, V) logits twice (log-sum-exp, then gradient) and writes the gradient over them in the input
     dtype, so the chunk needs no fp32 (c, V) buffer. One program per token."""
@@ -411,6 +416,13 @@ def _in_dtype(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtyp
     return w, b
 
 
+def _entropy_scratch(want_entropy, chunk_fn, n, chunk_size, vocab, device) -> torch.Tensor | None:
+    """The (min(n, chunk), V) fp32 buffer the PyTorch chunks write the entropy's exp into, or None."""
+    if not want_entropy or chunk_fn is not _chunk_loss_and_grad or n == 0:
+        return None
+    return torch.empty((min(n, chunk_size), vocab), dtype=torch.float32, device=device)
+
+
 class _GradInForward(torch.autograd.Function):
     """reduction "sum"/"mean": gradients are finished in the forward; backward scales them."""
 
@@ -436,10 +448,11 @@ class _GradInForward(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
 
+        scratch = _entropy_scratch(want_entropy, chunk_fn, n, chunk_size, weight.shape[0], h.device)
         for start, stop in _chunks(n, chunk_size):
             h_c, t_c = h[start:stop], t[start:stop]
             loss_c, correct_c, g, entropy_c = chunk_fn(
-                h_c, w, b, t_c, softcap, dft, want_grad, scale, want_entropy
+                h_c, w, b, t_c, softcap, dft, want_grad, scale, want_entropy, scratch
             )
             loss += loss_c.sum()
             correct += correct_c
@@ -506,10 +519,11 @@ class _RecomputeInBackward(torch.autograd.Function):
         per_token = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)  # (N,)
         entropy = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)  # (N,)
         correct = torch.zeros((), dtype=torch.long, device=h.device)
+        scratch = _entropy_scratch(want_entropy, chunk_fn, t.shape[0], chunk_size, weight.shape[0], h.device)
         for start, stop in _chunks(t.shape[0], chunk_size):
             h_c, t_c = h[start:stop], t[start:stop]
             loss_c, correct_c, _, entropy_c = chunk_fn(
-                h_c, w, b, t_c, softcap, dft, False, None, want_entropy
+                h_c, w, b, t_c, softcap, dft, False, None, want_entropy, scratch
             )
             per_token[idx[start:stop]] = loss_c
             if entropy_c is not None:
