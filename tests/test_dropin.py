@@ -275,3 +275,65 @@ def test_neftune_noise_reaches_the_fused_loss_in_training_only(tmp_path):
     trainer.add_callback(Watch())
     trainer.train()
     assert hooked == [1, 1] and not embeddings._forward_hooks
+
+
+# ---------------------------------------------------------------------- full fine-tuning keeps its updates
+
+
+@pytest.fixture
+def bf16_machine(monkeypatch):
+    """resolve_dtype("auto") answers bf16, as on a CPU with AVX512-BF16 / AMX or an Ampere GPU."""
+    from tunesmith.models import load
+
+    real = load.resolve_dtype
+    monkeypatch.setattr(
+        load,
+        "resolve_dtype",
+        lambda dtype="auto", device=None: torch.bfloat16 if dtype in ("auto", None) else real(dtype),
+    )
+
+
+def full_ft(tmp_path, saved_model, name, **overrides):
+    args = config(
+        tmp_path / name,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        max_steps=3,
+        per_device_train_batch_size=4,
+    )
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    trainer = SFTTrainer(model=saved_model, args=args, train_dataset=PROMPT_COMPLETION * 3)
+    start = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()])
+    trainer.train()
+    delta = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()]) - start
+    return trainer, delta
+
+
+def test_full_finetune_keeps_fp32_master_weights_and_computes_in_bf16(tmp_path, saved_model, bf16_machine):
+    trainer, delta = full_ft(tmp_path, saved_model, "default")
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert trainer.args.bf16 and trainer.args.mixed_precision == "bf16"  # autocast: matmuls in bf16
+    _, reference = full_ft(tmp_path, saved_model, "fp32", model_dtype="float32")
+    _, pure_bf16 = full_ft(tmp_path, saved_model, "bf16", model_dtype="bfloat16")
+    cosine = torch.nn.functional.cosine_similarity
+    # lr 1e-5 on weights of ~0.02: each update is ~5e-4 of a weight, under bf16's 1/256 step. fp32 master
+    # weights keep them (same direction and size as the fp32 run, up to bf16 compute); bf16 weights lose most.
+    assert cosine(delta, reference, dim=0) > 0.98
+    assert 0.95 < delta.norm() / reference.norm() < 1.05
+    assert cosine(pure_bf16, reference, dim=0) < 0.9
+    assert pure_bf16.norm() / reference.norm() < 0.9
+
+
+def test_lora_and_an_explicit_choice_keep_bf16_weights(tmp_path, saved_model, bf16_machine):
+    lora = SFTTrainer(
+        model=saved_model, args=config(tmp_path / "lora", use_peft=True), train_dataset=PROMPT_COMPLETION
+    )
+    base = lora.model.get_base_model().model.layers[0].mlp.down_proj
+    assert getattr(base, "base_layer", base).weight.dtype == torch.bfloat16  # frozen base: bf16 is fine
+    off = SFTTrainer(
+        model=saved_model,
+        args=config(tmp_path / "off", fp32_master_weights=False),
+        train_dataset=PROMPT_COMPLETION,
+    )
+    assert off.model.dtype == torch.bfloat16 and not off.args.bf16

@@ -63,7 +63,7 @@ def deprecation_notice(key: str, message: str) -> None:
     warnings.warn(message, FutureWarning, stacklevel=3)
 
 
-def kernel_notice(key: str, message: str) -> None:
+def notice_once(key: str, message: str) -> None:
     """Log `message` once per process per `key` (a setting accepted and mapped, not deprecated)."""
     if key in _shown_notices:
         return
@@ -146,6 +146,15 @@ class SFTConfig(TrainingArguments):
         default="auto",
         metadata=_help(
             "Weights dtype: auto (bf16 where the hardware runs it fast), bfloat16, float16, float32.", "model"
+        ),
+    )
+    fp32_master_weights: bool = field(
+        default=True,
+        metadata=_help(
+            "Full fine-tuning of a model loaded with model_dtype=auto where that means bf16: load the weights "
+            "in fp32 (AdamW updates them in fp32) and compute in bf16 (autocast). False: bf16 weights, half "
+            "the weight memory, but updates smaller than about 1/256 of a weight are rounded away.",
+            "model",
         ),
     )
     model_quantization: str | None = field(
@@ -386,7 +395,7 @@ class SFTConfig(TrainingArguments):
         TrainingArguments field that would make Trainer import liger-kernel) and `use_kernels` given as
         a kernel source name (TRL 1.16, e.g. "liger"). One notice each; no Liger dependency."""
         if self.use_liger_kernel:
-            kernel_notice(
+            notice_once(
                 "use_liger_kernel",
                 "use_liger_kernel=True: tunesmith uses its own kernels instead of Liger's (fused LM-head loss "
                 "that never builds the logits, fused RMSNorm / SwiGLU / RoPE / LoRA); liger-kernel is not "
@@ -398,7 +407,7 @@ class SFTConfig(TrainingArguments):
         if isinstance(self.use_kernels, str):
             value = self.use_kernels
             off = value.strip().lower() in ("false", "no", "none", "off", "0", "")
-            kernel_notice(
+            notice_once(
                 f"use_kernels={value}",
                 f"use_kernels={value!r}: tunesmith has no kernel sources to choose from; "
                 + (
