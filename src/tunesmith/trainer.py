@@ -10,7 +10,8 @@ What it adds to Trainer, and where:
   optimizer step, then metrics.
 - `prediction_step` / `evaluation_loop`: eval loss weighted by tokens (independent of batch size).
 - `create_optimizer`: parameter groups (embedding learning rate, no decay on norms and biases).
-- `log`: token accuracy, tokens seen, tokens per second, supervised tokens.
+- `log`: token accuracy, entropy (computed inside the fused loss), tokens seen, tokens per second,
+  supervised tokens.
 
 Under FSDP or DeepSpeed the LM head's weight is sharded outside the forward, so there the loss is
 computed from the logits the model returns (`logits_loss_sum`): the same value, without the fused

@@ -250,6 +250,8 @@ def _load_path(path: Path, *, split, streaming, **load_kwargs):
     except Exception as err:
         if "corresponds to no data" in str(err):  # datasets' words for a split of zero rows
             raise DataError(f"{path}: has no rows; there is nothing to train on") from None
+        if builder == "json":
+            _explain_json_failure(files)  # names the file, line, example and field when it can
         raise DataError(f"{path}: could not be read as {builder} ({type(err).__name__}: {err})") from err
     return _slice(ds, start, end, what=str(path)) if streaming else ds
 
@@ -376,3 +378,40 @@ def _load_hub(name: str, *, split, streaming, data_files, **load_kwargs):
             f"({type(err).__name__}: {err}). Check the path, or the dataset name and your network."
         ) from err
     return ds
+
+
+# Rows _explain_json_failure reads at most (it runs only after the file already failed to load).
+_EXPLAIN_MAX_ROWS = 200_000
+
+
+def _explain_json_failure(files: list[Path]) -> None:
+    """After `datasets` failed on JSON / JSONL files: read the rows with the json module and normalise
+    each, so that a row whose field has another type than the rows before it (which Arrow, in older
+    `datasets`, refuses as a whole file) is reported as `file:line: example i, field: ...`. Returns
+    when every row normalises (the caller then reports datasets' own error)."""
+    from tunesmith.data.formats import detect_format, normalize_example
+
+    fmt, index = None, 0
+    for file in files:
+        try:
+            if file.suffix.lower() == ".jsonl":
+                rows = [
+                    (line_no, json.loads(line))
+                    for line_no, line in enumerate(file.read_text().splitlines(), start=1)
+                    if line.strip()
+                ]
+            else:
+                data = json.loads(file.read_text())
+                rows = [(None, row) for row in data] if isinstance(data, list) else []
+        except (OSError, ValueError):
+            return  # not readable as JSON either: datasets' error says enough
+        for line_no, row in rows:
+            if index >= _EXPLAIN_MAX_ROWS or not isinstance(row, dict):
+                return
+            try:
+                fmt = fmt or detect_format(list(row), first_example=row)
+                normalize_example(row, fmt, index=index)
+            except DataError as err:
+                where = f"{file}:{line_no}" if line_no is not None else str(file)
+                raise DataError(f"{where}: {err}") from None
+            index += 1
