@@ -121,6 +121,19 @@ def test_eos_token_may_be_the_unknown_token():
         tokenize_example({"text": "Paris."}, tok, eos_token="<not-a-token>")
 
 
+def test_eos_token_that_is_smollm2s_unknown_token_trains_through_the_trainer(tmp_path):
+    # the real case: SmolLM2's <|endoftext|> (id 0) is its unk token too; it was refused before
+    from tunesmith.models.load import default_model_path
+
+    trainer = SFTTrainer(
+        model=default_model_path(),
+        args=config(tmp_path, eos_token="<|endoftext|>", use_peft=True, max_steps=1),
+        train_dataset=[{"text": "Paris is in France."}],
+    )
+    assert trainer.processing_class.unk_token == "<|endoftext|>"
+    assert trainer.train_dataset[0]["input_ids"][-1] == 0 == trainer.train_dataset[0]["labels"][-1]
+
+
 # ---------------------------------------------------------------------- pre-tokenized + train_on_inputs
 
 
