@@ -270,3 +270,24 @@ def test_entropy_is_logged_in_training_and_evaluation_as_the_full_logits_give_it
     trainer.train()
     logged = next(e for e in trainer.state.log_history if "loss" in e)
     assert logged["entropy"] == pytest.approx(expected, rel=1e-5)  # one step over all eight rows
+
+
+def test_log_entropy_false_logs_no_entropy_and_the_same_loss(tmp_path):
+    def run(log_entropy):
+        args = SFTConfig(
+            output_dir=str(tmp_path / str(log_entropy)),
+            per_device_eval_batch_size=3,
+            report_to="none",
+            dataset_cache_dir=False,
+            memory_policy="none",
+            log_entropy=log_entropy,
+        )
+        model = tiny_model("llama", initializer_range=0.5)
+        trainer = SFTTrainer(
+            model, args=args, train_dataset=EIGHT, eval_dataset=EIGHT, processing_class=tiny_tokenizer()
+        )
+        return trainer.evaluate()
+
+    with_entropy, without = run(True), run(False)
+    assert "eval_entropy" in with_entropy and "eval_entropy" not in without
+    assert without["eval_loss"] == with_entropy["eval_loss"]

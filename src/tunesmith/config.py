@@ -313,6 +313,15 @@ class SFTConfig(TrainingArguments):
         default="nll",
         metadata=_help("nll, or dft (each token's loss weighted by its detached probability).", "kernels"),
     )
+    log_entropy: bool = field(
+        default=True,
+        metadata=_help(
+            "Log `entropy` (mean entropy of the predicted next-token distribution over supervised tokens, as "
+            "TRL), computed inside the fused loss. Costs about 15% of the loss's time (a few % of a LoRA step "
+            "on a small model with a large vocabulary); False skips it.",
+            "kernels",
+        ),
+    )
     use_kernels: bool = field(
         default=True,
         metadata=_help(

@@ -200,7 +200,7 @@ class SFTTrainer(Trainer):
         weight, bias = lm_head_parameters(model)  # (V, H), (V,) or None
         from tunesmith.ops.linear_cross_entropy import linear_cross_entropy
 
-        return linear_cross_entropy(
+        out = linear_cross_entropy(
             hidden,
             weight,
             inputs["shift_labels"],
@@ -209,8 +209,9 @@ class SFTTrainer(Trainer):
             dft=self.args.loss_type == "dft",
             reduction="sum",
             impl="auto" if self.args.use_kernels else "reference",
-            return_entropy=True,
+            return_entropy=self.args.log_entropy,
         )
+        return out if self.args.log_entropy else (*out, torch.zeros((), device=hidden.device))
 
     # ------------------------------------------------------------------ evaluation
 
@@ -264,7 +265,8 @@ class SFTTrainer(Trainer):
             eval_loss = loss_sum / supervised
             output.metrics[f"{metric_key_prefix}_loss"] = eval_loss
             output.metrics[f"{metric_key_prefix}_mean_token_accuracy"] = correct / supervised
-            output.metrics[f"{metric_key_prefix}_entropy"] = entropy / supervised
+            if self.args.log_entropy:
+                output.metrics[f"{metric_key_prefix}_entropy"] = entropy / supervised
             output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(eval_loss, 700.0))
             output.metrics[f"{metric_key_prefix}_num_supervised_tokens"] = int(supervised)
         return output
@@ -301,8 +303,8 @@ class SFTTrainer(Trainer):
             # running totals continue from the last log (also the one restored from a checkpoint)
             last = next((e for e in reversed(self.state.log_history) if "num_tokens" in e), {})
             logs["mean_token_accuracy"] = correct / supervised if supervised else 0.0
-            # mean entropy of the predicted next-token distribution over the supervised tokens (as TRL)
-            logs["entropy"] = entropy / supervised if supervised else 0.0
+            if self.args.log_entropy:  # mean entropy of the predicted next-token distribution (as TRL)
+                logs["entropy"] = entropy / supervised if supervised else 0.0
             logs["num_tokens"] = last.get("num_tokens", 0) + int(tokens)
             logs["num_supervised_tokens"] = last.get("num_supervised_tokens", 0) + int(supervised)
             logs["tokens_per_second"] = round(tokens / max(now - self._window_start, 1e-9), 2)

@@ -235,11 +235,11 @@ def _chunk_loss_and_grad(
     entropy = None
     if want_entropy:
         # H = log Σe - Σ e·(z - max) / Σe with e = exp(z - max). The dot product needs z - max after e
-        # exists, so e gets its own (c, V) buffer here (the chunk budget allows for it; one buffer reused
-        # by every chunk: a fresh 64 MB one per chunk cost as much again in page faults) and the (c,)
-        # dot products run as one batched matmul, without a (c, V) product temporary.
+        # exists, so e gets its own (c, V) buffer (the chunk budget allows for it; one buffer reused by
+        # every chunk: a fresh 64 MB one per chunk cost as much again in page faults), and z - max,
+        # not needed after that, takes the products in place.
         e = torch.exp(z_shift) if scratch is None else torch.exp(z_shift, out=scratch[: z_shift.shape[0]])
-        dot = torch.bmm(e.unsqueeze(1), z_shift.unsqueeze(2)).view(-1)  # (c,)
+        dot = z_shift.mul_(e).sum(dim=-1)  # (c,)
         del z_shift, z
     else:
         e = z_shift.exp_()  # (c, V), in place: exp(z - max)
