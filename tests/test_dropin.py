@@ -13,42 +13,17 @@ import pytest
 import torch
 from datasets import Dataset
 
+# the suite's pairs, run config and per-test notice reset (an autouse fixture, active here once imported)
+from tests.test_trainer import PAIRS, _fresh_notices, config  # noqa: F401
 from tests.tiny import tiny_model, tiny_tokenizer
-from tunesmith import SFTConfig, SFTTrainer
-from tunesmith import config as config_module
+from tunesmith import SFTTrainer
 from tunesmith.data.pipeline import prepare_dataset
 from tunesmith.data.tokenize import tokenize_example
 
-PAIRS = [
-    ("What is the capital of France?", "Paris."),
-    ("Who wrote Hamlet?", "William Shakespeare."),
-    ("What color is the sky?", "Blue."),
-    ("Say yes.", "Yes."),
-]
 PROMPT_COMPLETION = [{"prompt": p, "completion": c} for p, c in PAIRS]
 MESSAGES = [
     {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in PAIRS
 ]
-
-
-def config(tmp_path, **overrides) -> SFTConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        dataset_cache_dir=False,
-        memory_policy="none",
-    )
-    values.update(overrides)
-    return SFTConfig(**values)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_notices():
-    config_module._shown_notices.clear()
 
 
 # ---------------------------------------------------------------------- errors at construction
