@@ -217,7 +217,13 @@ def tiny_vlm(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 
     config = tiny_vlm_config(family)
     torch.manual_seed(seed)
-    return AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    if family == "gemma3":
+        # Gemma 3 initialises its projection (vision -> text) to zeros: every image would then be the same
+        # (zero) input to the language model. A trained checkpoint has a real one; give the tiny model a random one.
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    return model.eval()
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
