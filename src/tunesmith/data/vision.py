@@ -462,6 +462,59 @@ def _process(processor, texts: list[str], images, **kwargs) -> dict:
     return processor(text=texts, images=images, return_tensors="pt", add_special_tokens=False, **kwargs)
 
 
+# --------------------------------------------------------------------------- generation and display
+
+
+def generation_inputs(processor, messages: list[dict], images: Sequence) -> dict:
+    """The processor's model inputs for generating the next assistant turn of `messages` with `images`
+    (PIL images or paths), normalised as in training (`vision_example`)."""
+    example = vision_example({"messages": messages, "images": list(images)}, "prompt")
+    loaded = [load_image(value, where=f"image {j}") for j, value in enumerate(example.images)]
+    tokenizer = _tokenizer(processor)
+    template = resolve_chat_template_of(processor)
+    text = tokenizer.apply_chat_template(
+        example.messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    return dict(_process(processor, [text], [loaded] if loaded else None))
+
+
+def resolve_chat_template_of(processor):
+    from tunesmith.data.templates import resolve_chat_template
+
+    return resolve_chat_template(
+        _tokenizer(processor), chat_template=getattr(processor, "chat_template", None)
+    )
+
+
+def image_token_counts(processor, images: Sequence) -> list[int]:
+    """How many tokens the processor makes of each image (one call per image; for display)."""
+    counts = []
+    for image in images:
+        alone = _process(processor, [processor.image_token], [[load_image(image)]])["input_ids"].shape[1]
+        counts.append(int(alone))
+    return counts
+
+
+def render_row(processor, row: dict, render_tokens) -> str:
+    """A prepared row as text with each image as `[image 1: 448×448 -> 256 tokens]` and the trained tokens
+    shown by `render_tokens(ids, labels)` (the CLI's colours or [[...]] markers)."""
+    placeholder = placeholder_token_id(processor)
+    ids, trained = row["text_ids"], row["trained"]
+    counts = image_token_counts(processor, row["images"])
+    pieces, start, k = [], 0, 0
+    for end in [i for i, t in enumerate(ids) if t == placeholder] + [len(ids)]:
+        chunk = ids[start:end]
+        labels = [t if flag else IGNORE_INDEX for t, flag in zip(chunk, trained[start:end])]
+        if chunk:
+            pieces.append(render_tokens(chunk, labels))
+        if end < len(ids):
+            w, h = row["image_sizes"][k]
+            pieces.append(f"[image {k + 1}: {w}×{h} → {counts[k]} tokens]")
+            k += 1
+        start = end + 1
+    return "".join(pieces)
+
+
 # --------------------------------------------------------------------------- batches
 
 

@@ -105,8 +105,17 @@ def lora_targets(model, *, vision_tower: bool = False) -> list[str]:
 
 def image_text_class(source, *, trust_remote_code: bool = False, **hub_kwargs):
     """`AutoModelForImageTextToText` when the checkpoint at `source` is a vision-language model, else None."""
+    from pathlib import Path
+
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from tunesmith.models.load import DEFAULT_ALIASES
+
+    path = Path(str(source)).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        return None
+    if not path.is_dir() and (path.suffix == ".gguf" or str(source).lower() in DEFAULT_ALIASES):
+        return None  # GGUF files and the built-in model are text models
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code, **hub_kwargs)
     except Exception:  # not a transformers folder (from_pretrained will say why), or a config-less source
