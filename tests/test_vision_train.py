@@ -71,6 +71,8 @@ def test_tiny_vlm_memorises_three_images(family, tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     # 3 examples x 4 trained tokens ("a", colour, shape, <|im_end|>) per step; 80 steps
     assert logs[-1]["num_supervised_tokens"] == 80 * 12
+    # tokens seen count text and image tokens, not padding: every step is the whole (3-example) data set
+    assert logs[-1]["num_tokens"] == 80 * trainer.train_dataset.stats.tokens
     metrics = trainer.evaluate(eval_dataset=shape_rows())
     assert metrics["eval_num_supervised_tokens"] == 12
     assert metrics["eval_loss"] < 0.05, metrics  # memorised (it starts at ln(256) = 5.5)
@@ -95,7 +97,28 @@ def test_vision_loss_is_the_logits_loss(tmp_path):
     )
     data = prepare_vision_dataset(shape_rows(), processor, max_length=None)
     batch = VisionCollator(processor)([data[0], data[1], data[2]])
+    head_outputs = []
+    head = trainer.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: head_outputs.append(tuple(out.shape)))
     fused, correct, _ = trainer._loss_sum(trainer.model, dict(batch))
+    handle.remove()
+    assert all(shape[1] == 0 for shape in head_outputs)  # the fused loss never had the LM head build logits
     reference, ref_correct, _ = logits_loss_sum(trainer.model, dict(batch))
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
     assert int(correct) == int(ref_correct)
+
+
+def test_settings_vision_data_cannot_follow_are_named(tmp_path, caplog):
+    from tunesmith.config import _shown_notices
+
+    _shown_notices.discard("vision_settings")
+    processor, model = tiny_processor("llava"), tiny_vlm("llava")
+    with caplog.at_level("WARNING"):
+        SFTTrainer(
+            model=model,
+            args=config(tmp_path, packing=True, train_on_inputs=True),
+            train_dataset=shape_rows(),
+            processing_class=processor,
+        )
+    assert "vision-language data: ignoring packing=True" in caplog.text
+    assert "training on prompts" in caplog.text

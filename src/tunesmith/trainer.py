@@ -716,6 +716,7 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
     from tunesmith.data.vision import is_processor, prepare_vision_dataset
 
     if is_processor(tokenizer):  # a vision-language model: images are processed per batch by the collator
+        _notice_vision_settings(args)
         prepared = prepare_vision_dataset(dataset, tokenizer, max_length=args.max_length)
         logger.debug("%s dataset: %s", name, prepared.stats)
         return prepared
@@ -730,6 +731,20 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
         # carried through the collator so that a non-finite loss can name the rows that caused it
         data = data.add_column("example_index", list(range(len(data))))
     return data
+
+
+def _notice_vision_settings(args: SFTConfig) -> None:
+    """Vision data is padded per batch and trains on assistant turns (or the completion) only: say so once
+    when the config asks for something else, instead of ignoring it silently."""
+    ignored = []
+    if args.packing:
+        ignored.append("packing=True (vision examples are padded per batch by the processor, not packed)")
+    if args.train_on_inputs or args.completion_only_loss is False or args.assistant_only_loss is False:
+        ignored.append("training on prompts (vision data trains on assistant turns / the completion only)")
+    if args.padding_free:
+        ignored.append("padding_free=True (the processor pads each batch)")
+    if ignored:
+        notice_once("vision_settings", "vision-language data: ignoring " + "; ".join(ignored))
 
 
 def pipeline_kwargs(prepare_dataset, args: SFTConfig, formatting_func, packing: bool) -> dict[str, Any]:
