@@ -23,7 +23,7 @@ import torch
 
 from tests.tiny import BOS, EOS, PAD, tiny_tokenizer
 
-FAMILIES = ("llava", "qwen2_vl", "idefics3", "gemma3")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3")
 
 # Words the vision tests use, added to the base vocabulary.
 WORDS = ["circle", "square", "triangle", "shape", "image", "picture", "yellow", "black", "white"]
@@ -31,13 +31,17 @@ WORDS = ["circle", "square", "triangle", "shape", "image", "picture", "yellow", 
 # The text each family's chat template writes for one {"type": "image"} part.
 PLACEHOLDERS = {
     "llava": "<image>",
+    "llava_next": "<image>",
     "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "idefics3": "<image>",
     "gemma3": "<start_of_image>",
 }
 _SPECIAL_TOKENS = {
     "llava": ["<image>"],
+    "llava_next": ["<image>"],
     "qwen2_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+    "qwen2_5_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
     "idefics3": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"],
     "gemma3": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"],
 }
@@ -77,20 +81,24 @@ def tiny_vlm_tokenizer(family: str):
     return tokenizer
 
 
-def _image_only_qwen2_vl_processor_class():
-    from transformers import Qwen2VLProcessor
+def _image_only(processor_class):
+    """A subclass of Qwen2VLProcessor / Qwen2_5_VLProcessor without a video processor (transformers 5
+    requires one, and it is built on torchvision)."""
     from transformers.processing_utils import ProcessorMixin
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        """Qwen2VLProcessor without a video processor (transformers 5 requires one, built on torchvision)."""
-
+    class ImageOnly(processor_class):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
             self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
-    return ImageOnlyQwen2VLProcessor
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_class.__name__}"
+    return ImageOnly
+
+
+# LLaVA-Next's "anyres" grid: an image is tiled at the best of these resolutions, plus a base view
+GRID_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
 
 
 def tiny_processor(family: str):
@@ -111,13 +119,26 @@ def tiny_processor(family: str):
             vision_feature_select_strategy="default",
             chat_template=template,
         )
-    if family == "qwen2_vl":
+    if family == "llava_next":
+        images = transformers.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 28},
+            crop_size={"height": 28, "width": 28},
+            image_grid_pinpoints=GRID_PINPOINTS,
+        )
+        return transformers.LlavaNextProcessor(
+            image_processor=images,
+            tokenizer=tokenizer,
+            patch_size=14,
+            num_additional_image_tokens=1,
+            vision_feature_select_strategy="default",
+            chat_template=template,
+        )
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         images = transformers.Qwen2VLImageProcessorPil(
             min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
         )
-        return _image_only_qwen2_vl_processor_class()(
-            image_processor=images, tokenizer=tokenizer, chat_template=template
-        )
+        cls = transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+        return _image_only(cls)(image_processor=images, tokenizer=tokenizer, chat_template=template)
     if family == "idefics3":
         images = transformers.Idefics3ImageProcessorPil(
             do_image_splitting=False, size={"longest_edge": 28}, max_image_size={"longest_edge": 28}
@@ -169,23 +190,36 @@ def tiny_vlm_config(family: str):
             image_token_index=token("<image>"),
             vision_feature_layer=-1,
         )
-    if family == "qwen2_vl":
-        rope = {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [4, 2, 2],
-        }  # sums to head_dim/2
-        return transformers.Qwen2VLConfig(
-            text_config=_text_fields(rope_parameters=rope),
-            vision_config=dict(
-                depth=1,
-                embed_dim=32,
-                hidden_size=64,
-                num_heads=2,
-                mlp_ratio=2,
-                patch_size=14,
-                spatial_merge_size=2,
+    if family == "llava_next":
+        return transformers.LlavaNextConfig(
+            vision_config=transformers.CLIPVisionConfig(
+                **vision, image_size=28, patch_size=14, projection_dim=32, initializer_factor=5.0
             ),
+            text_config=transformers.LlamaConfig(**_text_fields()),
+            image_token_index=token("<image>"),
+            image_grid_pinpoints=GRID_PINPOINTS,
+            vision_feature_layer=-1,
+        )
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        # mrope_section sums to head_dim / 2
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}
+        if family == "qwen2_vl":
+            cls, tower = (
+                transformers.Qwen2VLConfig,
+                dict(embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+            )
+        else:  # Qwen2.5-VL: window attention in the tower (its one block attends fully), RMSNorm, SwiGLU
+            cls = transformers.Qwen2_5_VLConfig
+            tower = dict(
+                hidden_size=32,
+                out_hidden_size=64,
+                intermediate_size=64,
+                num_heads=2,
+                fullatt_block_indexes=[0],
+            )
+        return cls(
+            text_config=_text_fields(rope_parameters=rope),
+            vision_config=dict(depth=1, patch_size=14, spatial_merge_size=2, **tower),
             image_token_id=token("<|image_pad|>"),
             video_token_id=token("<|video_pad|>"),
             vision_start_token_id=token("<|vision_start|>"),

@@ -17,7 +17,9 @@ from tunesmith.models.vision import (
 # family -> (language model, vision tower, projector) module names
 PARTS = {
     "llava": ("model.language_model", ["model.vision_tower"], ["model.multi_modal_projector"]),
+    "llava_next": ("model.language_model", ["model.vision_tower"], ["model.multi_modal_projector"]),
     "qwen2_vl": ("model.language_model", ["model.visual"], ["model.visual.merger"]),
+    "qwen2_5_vl": ("model.language_model", ["model.visual"], ["model.visual.merger"]),
     "idefics3": ("model.text_model", ["model.vision_model"], ["model.connector"]),
     "gemma3": ("model.language_model", ["model.vision_tower"], ["model.multi_modal_projector"]),
 }
