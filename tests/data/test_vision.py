@@ -96,6 +96,49 @@ def test_expand_labels_refuses_text_it_cannot_find():
         )
 
 
+def test_idefics3_image_splitting_mask():
+    """SmolVLM / Idefics3 tile a large image: row/column markers and newlines inside the expansion."""
+    import transformers
+
+    from tests.tiny_vision import tiny_vlm_tokenizer
+
+    tokenizer = tiny_vlm_tokenizer("idefics3")
+    images = transformers.Idefics3ImageProcessorPil(
+        do_image_splitting=True, size={"longest_edge": 56}, max_image_size={"longest_edge": 28}
+    )
+    processor = transformers.Idefics3Processor(
+        image_processor=images, tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    data = prepare_vision_dataset([_two_turns()], processor, max_length=None)
+    batch = VisionCollator(processor)([data[0]])
+    # 56x56: 2 x 2 tiles + the global view; 80x40: 2 x 1 tiles + the global view
+    assert batch["pixel_values"].shape[1] == 8
+    trained = [t for t in batch["labels"][0].tolist() if t != IGNORE]
+    want = tokenizer("a red square<|im_end|>red<|im_end|>a blue circle<|im_end|>", add_special_tokens=False)
+    assert trained == want.input_ids
+
+
+def test_expand_labels_with_a_byte_level_bpe_that_merges_newlines_around_images():
+    """Gemma 3 writes "\n\n" around each image; with byte-level BPE they merge with the template's own
+    newline into other tokens. The assistant text is still found and only it is trained."""
+    from tests.tiny import tiny_bpe_tokenizer
+
+    texts = ["user\n\n\n\nwhat is it\n\n", "assistant\na red square\n\n\n"] * 50
+    tok = tiny_bpe_tokenizer(texts, vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": ["<IMG>", "<boi>", "<soft>", "<eoi>"]})
+    text = "<|im_start|>user\n<IMG>what is it<|im_end|>\n<|im_start|>assistant\na red square<|im_end|>\n"
+    expanded = text.replace("<IMG>", "\n\n<boi>" + "<soft>" * 4 + "<eoi>\n\n")
+    ids = tok(text, add_special_tokens=False).input_ids
+    start = text.index("a red square")
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    trained = [int(s >= start and e <= len(text) - 1) for s, e in enc.offset_mapping]
+    e_ids = tok(expanded, add_special_tokens=False).input_ids
+    assert len(e_ids) > len(ids)
+    labels = expand_labels(ids, trained, e_ids, tok.convert_tokens_to_ids("<IMG>"))
+    assert tok.decode([t for t in labels if t != IGNORE]) == "a red square<|im_end|>"
+
+
 def test_prompt_completion_and_single_image_column():
     ex = vision_example({"prompt": "what is it", "completion": "a square", "image": "a.png"})
     assert ex.messages[0] == {
