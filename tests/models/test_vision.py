@@ -64,3 +64,12 @@ def test_vision_tower_lora_and_projector_training(family):
 def test_vision_options_on_a_text_model_are_refused():
     with pytest.raises(ValueError, match="vision-language models only"):
         apply_lora(tiny_model("llama"), vision_tower=True)
+
+
+def test_memory_policy_checkpoints_the_language_model_when_the_tower_is_frozen():
+    from tunesmith.ops.offload import decoder_layers
+
+    lora = apply_lora(tiny_vlm("llava"), r=4)
+    assert len(decoder_layers(lora)) == 2  # the language model's 2 layers, not the frozen CLIP layer
+    assert len(decoder_layers(tiny_vlm("llava"))) == 3  # full fine-tuning: the tower trains too
+    assert len(decoder_layers(apply_lora(tiny_vlm("llava"), r=4, vision_tower=True))) == 3
