@@ -238,3 +238,25 @@ def test_docstring_examples():
 
     result = doctest.testmod(vision, verbose=False)
     assert result.attempted >= 3 and result.failed == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_rows_batch_with_image_rows(family):
+    from tests.tiny_vision import tiny_vlm
+
+    processor = tiny_processor(family)
+    rows = [
+        {"messages": [_user("what shape"), {"role": "assistant", "content": "a red square"}],
+         "images": [shape_image("red", "square")]},
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]},
+    ]  # fmt: skip
+    data = prepare_vision_dataset(rows, processor, max_length=None)
+    batch = VisionCollator(processor)([data[1], data[0]])
+    tok = processor.tokenizer
+    assert [tok.decode([t for t in row.tolist() if t != IGNORE]) for row in batch["labels"]] == [
+        "hi <|im_end|>",
+        "a red square <|im_end|>",
+    ]
+    forward = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+    logits = tiny_vlm(family)(**forward).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
