@@ -122,3 +122,42 @@ def test_settings_vision_data_cannot_follow_are_named(tmp_path, caplog):
         )
     assert "vision-language data: ignoring packing=True" in caplog.text
     assert "training on prompts" in caplog.text
+
+
+def test_trl_style_custom_collator_gets_the_raw_rows(tmp_path):
+    """TRL's older sft_vlm recipe: the user's collate_fn renders and processes the raw rows itself (and
+    masks padding and image tokens); the trainer neither prepares the data nor drops its columns."""
+    from datasets import Dataset
+
+    processor, model = tiny_processor("llava"), tiny_vlm("llava")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    seen = []
+
+    def collate_fn(examples):
+        seen.append(sorted(examples[0]))
+        texts = [processor.apply_chat_template(ex["messages"], tokenize=False) for ex in examples]
+        batch = processor(
+            text=texts, images=[ex["images"] for ex in examples], return_tensors="pt", padding=True
+        )
+        labels = batch["input_ids"].clone()
+        labels[(labels == processor.tokenizer.pad_token_id) | (labels == image_id)] = -100
+        batch["labels"] = labels
+        return batch
+
+    raw = shape_rows()
+    for row in raw:  # Arrow wants one type per column: every content a list of parts
+        reply = row["messages"][1]
+        reply["content"] = [{"type": "text", "text": reply["content"]}]
+    rows = Dataset.from_list(raw)
+    trainer = SFTTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=30, logging_steps=30),
+        train_dataset=rows,
+        processing_class=processor,
+        data_collator=collate_fn,
+    )
+    trainer.train()
+    assert seen and seen[0] == ["images", "messages"]
+    # every step is the 3 rows; what the user's labels train (after the one shift), 30 times
+    per_step = int((collate_fn([rows[i] for i in range(3)])["labels"][:, 1:] != -100).sum())
+    assert trainer.state.log_history[0]["num_supervised_tokens"] == 30 * per_step

@@ -124,6 +124,9 @@ class SFTTrainer(Trainer):
         model, self.memory_policy = _prepare_model(model, args, peft_config)
         processing_class = _prepare_tokenizer(processing_class, model, args)
         skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
+        # TRL's vision recipe: a processor and the user's own collator, which reads the raw rows
+        raw_vision = data_collator is not None and _is_processor(processing_class)
+        skip_prepare = skip_prepare or raw_vision
         if not skip_prepare:
             train_dataset, eval_dataset = _prepare_datasets(
                 train_dataset, eval_dataset, processing_class, args, formatting_func
@@ -155,6 +158,10 @@ class SFTTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         if not skip_prepare:
             self._signature_columns = list(_DATASET_COLUMNS) + list(_VISION_ROW_COLUMNS)
+        elif raw_vision:  # the user's collator gets every column (messages, images, ...)
+            self._signature_columns = (
+                list(getattr(train_dataset, "column_names", None) or []) + _DATASET_COLUMNS
+            )
         self.nonfinite_guard = NonFiniteLossGuard()
         self.add_callback(SignalCheckpointCallback())
         if self.args.device.type == "cpu":
@@ -731,6 +738,12 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
         # carried through the collator so that a non-finite loss can name the rows that caused it
         data = data.add_column("example_index", list(range(len(data))))
     return data
+
+
+def _is_processor(processing_class) -> bool:
+    from tunesmith.data.vision import is_processor
+
+    return is_processor(processing_class)
 
 
 def _notice_vision_settings(args: SFTConfig) -> None:
