@@ -148,6 +148,19 @@ def test_prompt_completion_and_single_image_column():
     assert ex.messages[1]["role"] == "assistant" and ex.trained_from == 1 and ex.images == ["a.png"]
 
 
+def test_images_inline_in_the_parts():
+    part = {"type": "image", "image": "a.png"}
+    ex = vision_example(
+        {"messages": [{"role": "user", "content": [part]}, {"role": "assistant", "content": "x"}]}
+    )
+    assert ex.images == ["a.png"] and ex.messages[0]["content"] == [{"type": "image"}]
+    both = {"messages": [{"role": "user", "content": [part]}], "images": ["b.png"]}
+    with pytest.raises(DataError, match="images both inside the messages"):
+        vision_example(both)
+    with pytest.raises(DataError, match="example 2, image 0: image 'https://x/y.png' is a URL"):
+        load_image("https://x/y.png", where="example 2, image 0")
+
+
 def test_images_without_placeholders_go_to_the_first_user_turn():
     ex = vision_example(
         {

@@ -86,6 +86,11 @@ def load_image(value, *, base_dir: str | os.PathLike | None = None, where: str =
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
         source, name = io.BytesIO(value), f"{len(value)} bytes"
+    elif isinstance(value, str) and value.startswith(("http://", "https://")):
+        raise DataError(
+            f"{where}: image {value!r} is a URL; tunesmith reads local files only (nothing is downloaded): "
+            "download it and give its path"
+        )
     elif isinstance(value, (str, os.PathLike)):
         path = Path(value).expanduser()
         if not path.is_absolute() and base_dir is not None:
@@ -131,7 +136,12 @@ class VisionExample:
     trained_from: int  # messages[i] with role "assistant" and i >= trained_from are trained
 
 
-def _parts(content, where: str, role: str) -> list[dict]:
+# keys under which an image part may hold its image inline ({"type": "image", "image": <PIL or path>})
+_INLINE_KEYS = ("image", "path", "url")
+
+
+def _parts(content, where: str, role: str, inline: list | None = None) -> list[dict]:
+    """Content parts, normalised; the inline image of each image part (or None) is appended to `inline`."""
     if content is None:
         return []
     if isinstance(content, str):
@@ -149,6 +159,8 @@ def _parts(content, where: str, role: str) -> list[dict]:
             parts.append({"type": "text", "text": part["text"]})
         elif kind == "image":
             parts.append({"type": "image"})
+            if inline is not None:
+                inline.append(next((part[k] for k in _INLINE_KEYS if part.get(k) is not None), None))
         else:
             raise DataError(
                 f"{where}: {role} content part {j} must be {{'type': 'image'}} or {{'type': 'text', 'text': ...}}, "
@@ -193,10 +205,18 @@ def vision_example(example: dict, where: str = "example") -> VisionExample:
         images = [] if example.get("image") is None else [example["image"]]
     elif not isinstance(images, (list, tuple)):
         images = [images]
-    messages = []
+    messages, inline = [], []
     for msg in raw:
         role = msg["role"]
-        messages.append({"role": role, "content": _parts(msg.get("content"), where, role)})
+        messages.append({"role": role, "content": _parts(msg.get("content"), where, role, inline)})
+    given = [value for value in inline if value is not None]
+    if given and images:
+        raise DataError(
+            f"{where}: images both inside the messages ({{'type': 'image', 'image': ...}}) and in `images`; "
+            "give them in one place"
+        )
+    if given:
+        images = given
     placeholders = sum(p["type"] == "image" for m in messages for p in m["content"])
     for i, msg in enumerate(messages):
         if msg["role"] == "assistant" and any(p["type"] == "image" for p in msg["content"]):
