@@ -364,6 +364,9 @@ class VisionStats:
     supervised_tokens: int = 0
     dropped: dict | None = None
     max_length: int | None = None
+    # processed lengths (images expanded) before dropping, as pipeline.DataStats has them
+    length_histogram: dict | None = None
+    length_percentiles: dict | None = None
 
     def summary(self) -> str:
         lines = [f"data: {self.source} ({self.format})"]
@@ -375,6 +378,9 @@ class VisionStats:
         share = f" ({100 * self.supervised_tokens / self.tokens:.1f}%)" if self.tokens else ""
         lines.append(f"  tokens: {self.tokens}, of which trained: {self.supervised_tokens}{share}")
         lines.append(f"  rows: {self.examples_out} (not packed; images are processed per batch)")
+        if self.length_percentiles:
+            p = self.length_percentiles
+            lines.append(f"  example length: median {p['p50']}, p90 {p['p90']}, max {p['max']} tokens")
         return "\n".join(lines)
 
 
@@ -419,7 +425,7 @@ def prepare_vision_dataset(
     stats = VisionStats(
         source=name, max_length=max_length, dropped={"longer_than_max_length": 0, "no_trained_token": 0}
     )
-    rows = []
+    rows, lengths = [], []
     for index, raw in enumerate(rows_in):
         where = f"{name}: example {index}"
         stats.examples_in += 1
@@ -436,6 +442,7 @@ def prepare_vision_dataset(
         expanded = _process(processor, [text], [images] if images else None)["input_ids"][0].tolist()
         labels = expand_labels(ids, trained, expanded, placeholder, where=where)
         supervised = sum(label != IGNORE_INDEX for label in labels)
+        lengths.append(len(expanded))
         if max_length is not None and len(expanded) > max_length:
             stats.dropped["longer_than_max_length"] += 1
             continue
@@ -460,6 +467,11 @@ def prepare_vision_dataset(
         stats.tokens += len(expanded)
         stats.supervised_tokens += supervised
     stats.examples_out = len(rows)
+    import numpy as np
+
+    from tunesmith.data.pipeline import _length_summary
+
+    stats.length_histogram, stats.length_percentiles = _length_summary(np.array(lengths, dtype=np.int64))
     if stats.dropped["longer_than_max_length"]:
         logger.warning(
             "%s: dropped %d example(s) longer than max_length=%s after image expansion (cutting one would cut "
