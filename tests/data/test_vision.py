@@ -273,3 +273,24 @@ def test_text_only_rows_batch_with_image_rows(family):
     forward = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
     logits = tiny_vlm(family)(**forward).logits
     assert logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_a_datasets_image_column_is_kept_lazily():
+    """Images decoded from a datasets.Dataset are not held by the prepared rows: they are read back from the
+    dataset per batch (RowImage), so a large image set is not all decoded in memory at once."""
+    from datasets import Dataset, Features, Image, Value
+
+    from tunesmith.data.vision import RowImage
+
+    features = Features({"prompt": Value("string"), "completion": Value("string"), "image": Image()})
+    rows = Dataset.from_dict(
+        {"prompt": ["what is it"] * 2, "completion": ["a red square", "a blue circle"],
+         "image": [shape_image("red", "square"), shape_image("blue", "circle")]},
+        features=features,
+    )  # fmt: skip
+    processor = tiny_processor("qwen2_vl")
+    data = prepare_vision_dataset(rows, processor, max_length=None)
+    assert all(isinstance(ref, RowImage) for row in data.rows for ref in row["images"])
+    assert load_image(data[1]["images"][0]).getpixel((28, 28)) == (30, 60, 220)
+    batch = VisionCollator(processor)([data[0], data[1]])
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]

@@ -80,6 +80,8 @@ def load_image(value, *, base_dir: str | os.PathLike | None = None, where: str =
     dict `{"bytes": ..., "path": ...}`. Errors name `where` and say what to fix."""
     from PIL import Image
 
+    if isinstance(value, RowImage):
+        value = value.load()
     if isinstance(value, Image.Image):
         return value if value.mode == "RGB" else value.convert("RGB")
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
@@ -112,16 +114,34 @@ def load_image(value, *, base_dir: str | os.PathLike | None = None, where: str =
     return image.convert("RGB")
 
 
-def _image_ref(value, base_dir, where: str):
-    """What the prepared dataset keeps for an image: the PIL image, bytes, or an absolute path. The image
-    is opened once here so that a missing or unreadable one is reported before training."""
+@dataclass(frozen=True)
+class RowImage:
+    """Image `j` of column `column` in row `index` of a `datasets.Dataset`, decoded when needed: a prepared
+    vision dataset keeps this instead of the decoded image, so its memory does not grow with the images."""
+
+    dataset: object
+    index: int
+    column: str
+    j: int
+
+    def load(self):
+        value = self.dataset[self.index][self.column]
+        return value[self.j] if self.column == "images" else value
+
+
+def _image_ref(value, base_dir, where: str, lazy: RowImage | None = None):
+    """(what the prepared dataset keeps for an image, the opened image). Kept: the PIL image or bytes as
+    given, an absolute path, or `lazy` (a `RowImage`) for a decoded image of a `datasets.Dataset`. The
+    image is opened here so that a missing or unreadable one is reported before training."""
     image = load_image(value, base_dir=base_dir, where=where)
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (str, os.PathLike)):
         path = Path(value).expanduser()
-        return str(path if path.is_absolute() or base_dir is None else Path(base_dir) / path), image.size
-    return value, image.size
+        return str(path if path.is_absolute() or base_dir is None else Path(base_dir) / path), image
+    if lazy is not None and not isinstance(value, (bytes, bytearray)):
+        return lazy, image
+    return value, image
 
 
 # --------------------------------------------------------------------------- examples
@@ -419,7 +439,10 @@ def prepare_vision_dataset(
     """Normalise, check and render every example of `source`; measure its processed length and drop (and
     count) those longer than `max_length`. The images are opened here (errors name the example) but kept as
     given; the processor runs again per batch in `VisionCollator`."""
+    import datasets
+
     rows_in, base_dir = _rows_and_base_dir(source, split)
+    lazy_rows = isinstance(rows_in, datasets.Dataset)  # decoded images are re-read from it, not kept
     name = describe_source(source)
     placeholder = placeholder_token_id(processor)
     stats = VisionStats(
@@ -429,8 +452,18 @@ def prepare_vision_dataset(
     for index, raw in enumerate(rows_in):
         where = f"{name}: example {index}"
         stats.examples_in += 1
-        example = vision_example(dict(raw), where)
-        refs = [_image_ref(value, base_dir, f"{where}, image {j}") for j, value in enumerate(example.images)]
+        raw = dict(raw)
+        example = vision_example(raw, where)
+        column = next((c for c in IMAGE_COLUMNS if raw.get(c) not in (None, [])), None)
+        refs = [
+            _image_ref(
+                value,
+                base_dir,
+                f"{where}, image {j}",
+                RowImage(rows_in, index, column, j) if column and lazy_rows else None,
+            )
+            for j, value in enumerate(example.images)
+        ]
         text, ids, trained = render(processor, example, chat_template=chat_template, where=where)
         found = ids.count(placeholder)
         if found != len(refs):
@@ -438,7 +471,7 @@ def prepare_vision_dataset(
                 f"{where}: the chat template wrote {found} image placeholder(s) for {len(refs)} image(s); "
                 "use the model's processor (its chat template renders {'type': 'image'} parts)"
             )
-        images = [load_image(ref) for ref, _ in refs]
+        images = [image for _, image in refs]
         expanded = _process(processor, [text], [images] if images else None)["input_ids"][0].tolist()
         labels = expand_labels(ids, trained, expanded, placeholder, where=where)
         supervised = sum(label != IGNORE_INDEX for label in labels)
@@ -456,7 +489,7 @@ def prepare_vision_dataset(
                 "text_ids": ids,
                 "trained": trained,
                 "images": [ref for ref, _ in refs],
-                "image_sizes": [size for _, size in refs],
+                "image_sizes": [image.size for _, image in refs],
                 "length": len(expanded),
                 "image_tokens": image_tokens,
                 "example_index": index,
