@@ -11,7 +11,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 @pytest.mark.slow
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) == 1, "the README has one Python example; this test runs it"
+    # examples that say they need the network (a Hub model: the vision-language one) cannot run here
+    blocks = [b for b in blocks if "needs network" not in b]
+    assert len(blocks) == 1, "the README has one offline Python example; this test runs it"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
