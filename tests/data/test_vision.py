@@ -294,3 +294,19 @@ def test_a_datasets_image_column_is_kept_lazily():
     assert load_image(data[1]["images"][0]).getpixel((28, 28)) == (30, 60, 220)
     batch = VisionCollator(processor)([data[0], data[1]])
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+
+
+def test_unsloth_vision_collator_takes_raw_rows():
+    from tunesmith import UnslothVisionDataCollator
+
+    processor = tiny_processor("qwen2_vl")
+    raw = [{"messages": [_user("what is it"), {"role": "assistant", "content": "a red square"}],
+            "images": [shape_image("red", "square")]}]  # fmt: skip
+    collator = UnslothVisionDataCollator(None, processor, train_on_responses_only=True)
+    batch = collator(raw)
+    expected = VisionCollator(processor)([prepare_vision_dataset(raw, processor, max_length=None)[0]])
+    assert torch.equal(batch["input_ids"], expected["input_ids"]) and torch.equal(
+        batch["labels"], expected["labels"]
+    )
+    with pytest.raises(DataError, match="batch example 0: 22 tokens .* more than max_seq_length=8"):
+        UnslothVisionDataCollator(None, processor, max_seq_length=8)(raw)

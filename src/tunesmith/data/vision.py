@@ -27,6 +27,7 @@ would cut through an image's tokens, which the model cannot run).
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -433,6 +434,38 @@ def _rows_and_base_dir(source, split):
     return load_source(source, split=split), base
 
 
+def prepare_row(raw: dict, processor, *, where: str, base_dir=None, chat_template=None, lazy=None):
+    """One raw example -> (prepared row, its labels over the processed tokens): normalised, images opened
+    (errors name `where`), rendered, placeholders checked, processed once for its length and labels.
+    `lazy(j)`, when given, is what the row keeps for image j (a `RowImage`) instead of the decoded image."""
+    example = vision_example(raw, where)
+    refs = [
+        _image_ref(value, base_dir, f"{where}, image {j}", lazy(j) if lazy else None)
+        for j, value in enumerate(example.images)
+    ]
+    text, ids, trained = render(processor, example, chat_template=chat_template, where=where)
+    placeholder = placeholder_token_id(processor)
+    found = ids.count(placeholder)
+    if found != len(refs):
+        raise DataError(
+            f"{where}: the chat template wrote {found} image placeholder(s) for {len(refs)} image(s); "
+            "use the model's processor (its chat template renders {'type': 'image'} parts)"
+        )
+    images = [image for _, image in refs]
+    expanded = _process(processor, [text], [images] if images else None)["input_ids"][0].tolist()
+    labels = expand_labels(ids, trained, expanded, placeholder, where=where)
+    row = {
+        "text": text,
+        "text_ids": ids,
+        "trained": trained,
+        "images": [ref for ref, _ in refs],
+        "image_sizes": [image.size for _, image in refs],
+        "length": len(expanded),
+        "image_tokens": len(expanded) - len(ids) + len(refs),
+    }
+    return row, labels
+
+
 def prepare_vision_dataset(
     source, processor, *, max_length: int | None = 1024, chat_template=None, split=None
 ) -> VisionDataset:
@@ -444,60 +477,37 @@ def prepare_vision_dataset(
     rows_in, base_dir = _rows_and_base_dir(source, split)
     lazy_rows = isinstance(rows_in, datasets.Dataset)  # decoded images are re-read from it, not kept
     name = describe_source(source)
-    placeholder = placeholder_token_id(processor)
+    placeholder_token_id(processor)  # not an image-text processor: say so before reading anything
     stats = VisionStats(
         source=name, max_length=max_length, dropped={"longer_than_max_length": 0, "no_trained_token": 0}
     )
     rows, lengths = [], []
     for index, raw in enumerate(rows_in):
-        where = f"{name}: example {index}"
         stats.examples_in += 1
         raw = dict(raw)
-        example = vision_example(raw, where)
         column = next((c for c in IMAGE_COLUMNS if raw.get(c) not in (None, [])), None)
-        refs = [
-            _image_ref(
-                value,
-                base_dir,
-                f"{where}, image {j}",
-                RowImage(rows_in, index, column, j) if column and lazy_rows else None,
-            )
-            for j, value in enumerate(example.images)
-        ]
-        text, ids, trained = render(processor, example, chat_template=chat_template, where=where)
-        found = ids.count(placeholder)
-        if found != len(refs):
-            raise DataError(
-                f"{where}: the chat template wrote {found} image placeholder(s) for {len(refs)} image(s); "
-                "use the model's processor (its chat template renders {'type': 'image'} parts)"
-            )
-        images = [image for _, image in refs]
-        expanded = _process(processor, [text], [images] if images else None)["input_ids"][0].tolist()
-        labels = expand_labels(ids, trained, expanded, placeholder, where=where)
+        lazy = functools.partial(RowImage, rows_in, index, column) if column and lazy_rows else None
+        row, labels = prepare_row(
+            raw,
+            processor,
+            where=f"{name}: example {index}",
+            base_dir=base_dir,
+            chat_template=chat_template,
+            lazy=lazy,
+        )
+        row["example_index"] = index
         supervised = sum(label != IGNORE_INDEX for label in labels)
-        lengths.append(len(expanded))
-        if max_length is not None and len(expanded) > max_length:
+        lengths.append(row["length"])
+        if max_length is not None and row["length"] > max_length:
             stats.dropped["longer_than_max_length"] += 1
             continue
         if supervised == 0:
             stats.dropped["no_trained_token"] += 1
             continue
-        image_tokens = len(expanded) - len(ids) + len(refs)
-        rows.append(
-            {
-                "text": text,
-                "text_ids": ids,
-                "trained": trained,
-                "images": [ref for ref, _ in refs],
-                "image_sizes": [image.size for _, image in refs],
-                "length": len(expanded),
-                "image_tokens": image_tokens,
-                "example_index": index,
-            }
-        )
-        stats.images += len(refs)
-        stats.image_tokens += image_tokens
-        stats.tokens += len(expanded)
+        rows.append(row)
+        stats.images += len(row["images"])
+        stats.image_tokens += row["image_tokens"]
+        stats.tokens += row["length"]
         stats.supervised_tokens += supervised
     stats.examples_out = len(rows)
     import numpy as np
@@ -624,3 +634,34 @@ class VisionCollator:
         batch["labels"] = labels
         batch["shift_labels"] = shift_labels(labels, [[labels.shape[1]]] * labels.shape[0])
         return batch
+
+
+class UnslothVisionDataCollator:
+    """Unsloth's name for a collator of *raw* vision rows (its scripts pass it with
+    `dataset_kwargs={"skip_prepare_dataset": True}`): each batch's rows are normalised, checked, rendered
+    and masked here (`prepare_row`), then batched by `VisionCollator`. Unlike Unsloth's, it trains the
+    assistant turns only (as tunesmith's vision path does everywhere); Unsloth-only options are accepted
+    and ignored. Rows longer than `max_seq_length` are an error here (a collator cannot drop them; the
+    trainer's own preparation drops and counts them instead)."""
+
+    def __init__(self, model, processor, formatting_func=None, max_seq_length=None, **unsloth_options):
+        if formatting_func is not None:
+            raise ValueError(
+                "UnslothVisionDataCollator: formatting_func is not supported; give TRL-format rows"
+            )
+        if unsloth_options:
+            logger.info("UnslothVisionDataCollator: ignoring %s", sorted(unsloth_options))
+        self.processor, self.max_length = processor, max_seq_length
+        self.collator = VisionCollator(processor)
+
+    def __call__(self, examples: Sequence[dict]) -> dict:
+        rows = []
+        for i, raw in enumerate(examples):
+            row, _ = prepare_row(dict(raw), self.processor, where=f"batch example {i}")
+            if self.max_length is not None and row["length"] > self.max_length:
+                raise DataError(
+                    f"batch example {i}: {row['length']} tokens once its images are expanded, more than "
+                    f"max_seq_length={self.max_length}; cutting it would cut through an image"
+                )
+            rows.append(row)
+        return self.collator(rows)
