@@ -161,3 +161,14 @@ def test_trl_style_custom_collator_gets_the_raw_rows(tmp_path):
     # every step is the 3 rows; what the user's labels train (after the one shift), 30 times
     per_step = int((collate_fn([rows[i] for i in range(3)])["labels"][:, 1:] != -100).sum())
     assert trainer.state.log_history[0]["num_supervised_tokens"] == 30 * per_step
+
+
+def test_images_with_a_plain_tokenizer_are_refused(tmp_path):
+    processor, model = tiny_processor("llava"), tiny_vlm("llava")
+    with pytest.raises(ValueError, match="the train data has images, but processing_class is a tokenizer"):
+        SFTTrainer(
+            model=model,
+            args=config(tmp_path),
+            train_dataset=shape_rows(),
+            processing_class=processor.tokenizer,
+        )

@@ -728,6 +728,7 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
         logger.debug("%s dataset: %s", name, prepared.stats)
         return prepared
 
+    _refuse_images_without_processor(dataset, name)
     kwargs = pipeline_kwargs(prepare_dataset, args, formatting_func, packing)
     # an IterableDataset is tokenized (and packed) lazily, as it streams
     kwargs["streaming"] = isinstance(dataset, datasets.IterableDataset)
@@ -738,6 +739,26 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
         # carried through the collator so that a non-finite loss can name the rows that caused it
         data = data.add_column("example_index", list(range(len(data))))
     return data
+
+
+def _refuse_images_without_processor(dataset, name: str) -> None:
+    """Rows with images given with a plain tokenizer: say what to pass, instead of failing in the text path."""
+    import datasets
+
+    from tunesmith.data.vision import is_vision_example
+
+    if isinstance(dataset, list) and dataset and isinstance(dataset[0], dict):
+        first = dataset[0]
+    elif isinstance(dataset, datasets.Dataset) and len(dataset):
+        first = dataset[0]
+    else:
+        return
+    if is_vision_example(first):
+        raise ValueError(
+            f"SFTTrainer: the {name} data has images, but processing_class is a tokenizer; pass the model's "
+            "processor (processing_class=AutoProcessor.from_pretrained(...)), or leave it unset for a "
+            "vision-language model given by name"
+        )
 
 
 def _is_processor(processing_class) -> bool:
