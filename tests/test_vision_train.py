@@ -172,3 +172,23 @@ def test_images_with_a_plain_tokenizer_are_refused(tmp_path):
             train_dataset=shape_rows(),
             processing_class=processor.tokenizer,
         )
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_vision_tower_lora_and_projector_get_gradients(family, tmp_path):
+    """lora_vision_tower / lora_train_projector: the tower's LoRA B matrices start at zero and the projector at
+    its loaded values; after a few steps both moved, so the loss reaches them through the image tokens."""
+    processor, model = tiny_processor(family), tiny_vlm(family)
+    args = config(tmp_path, max_steps=5, logging_steps=5, lora_vision_tower=True, lora_train_projector=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=shape_rows(), processing_class=processor)
+    params = dict(trainer.model.named_parameters())
+    tower_b = [n for n in params if ("vision_tower" in n or "visual.blocks" in n) and "lora_B" in n]
+    projector = [
+        n for n in params if ("multi_modal_projector" in n or "merger" in n) and "modules_to_save" in n
+    ]
+    assert tower_b and projector
+    before = {n: params[n].detach().clone() for n in projector}
+    assert all(params[n].abs().sum() == 0 for n in tower_b)
+    trainer.train()
+    assert all(params[n].abs().sum() > 0 for n in tower_b)
+    assert all(not torch.equal(params[n], before[n]) for n in projector)
