@@ -310,3 +310,30 @@ def test_unsloth_vision_collator_takes_raw_rows():
     )
     with pytest.raises(DataError, match="batch example 0: 22 tokens .* more than max_seq_length=8"):
         UnslothVisionDataCollator(None, processor, max_seq_length=8)(raw)
+
+
+def test_llava_instruct_mix_rows_from_arrow():
+    """Rows as HuggingFaceH4/llava-instruct-mix-vsft stores them (TRL's sft_vlm data): every part has
+    `type`, `text` and `index` (None where unused), the images a list column of datasets.Image."""
+    from datasets import Dataset, Features, Image, Sequence, Value
+
+    part = {"index": Value("int64"), "text": Value("string"), "type": Value("string")}
+    features = Features(
+        {
+            "messages": [{"role": Value("string"), "content": [part]}],
+            "images": Sequence(Image()),
+        }
+    )
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"index": 0, "text": None, "type": "image"},
+                                         {"index": None, "text": "\nwhat is in the picture", "type": "text"}]},
+            {"role": "assistant", "content": [{"index": None, "text": "a red square", "type": "text"}]},
+        ],
+        "images": [shape_image("red", "square")],
+    }  # fmt: skip
+    processor = tiny_processor("idefics3")
+    data = prepare_vision_dataset(Dataset.from_list([row], features=features), processor, max_length=None)
+    batch = VisionCollator(processor)([data[0]])
+    trained = [t for t in batch["labels"][0].tolist() if t != IGNORE]
+    assert processor.tokenizer.decode(trained) == "a red square <|im_end|>"
