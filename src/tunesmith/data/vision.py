@@ -476,6 +476,12 @@ def prepare_vision_dataset(
 
     rows_in, base_dir = _rows_and_base_dir(source, split)
     lazy_rows = isinstance(rows_in, datasets.Dataset)  # decoded images are re-read from it, not kept
+    if isinstance(rows_in, datasets.IterableDataset):
+        logger.warning(
+            "%s: a streamed vision data set is read in full once here (every image opened and measured) and kept "
+            "in memory; vision data is not streamed",
+            describe_source(source),
+        )
     name = describe_source(source)
     placeholder_token_id(processor)  # not an image-text processor: say so before reading anything
     stats = VisionStats(
