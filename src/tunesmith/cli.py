@@ -7,6 +7,7 @@
     tunesmith chat MODEL                            a conversation on stdin
     tunesmith merge ADAPTER --output DIR            LoRA merged into 16-bit safetensors
     tunesmith export MODEL --gguf FILE [--type]     a GGUF file (f16, bf16, q8_0)
+    tunesmith doctor [--json]                       device, versions, and a check of every Triton kernel
 
 The YAML file is SFTConfig's serialised form (see `tunesmith.config`) plus one section the CLI
 reads itself, naming the data:
@@ -315,6 +316,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from tunesmith.doctor import main as doctor
+
+    return doctor(as_json=args.json, check_kernels=not args.no_check)
+
+
 def _need_folder(path: str) -> None:
     if not Path(path).is_dir():
         raise UsageError(f"{path}: no such folder (expected a model or adapter folder)")
@@ -448,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", required=True, help="output .gguf file")
     p.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0"))
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "doctor", help="device, versions, precision, attention, 4-bit, and a check of every Triton kernel"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-check", action="store_true", help="do not run the kernel checks")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -328,6 +328,15 @@ class SFTConfig(TrainingArguments):
             "Fast kernels and the fused LM-head loss (exact, only faster). False: plain modules.", "kernels"
         ),
     )
+    triton_kernels: bool = field(
+        default=True,
+        metadata=_help(
+            "On CUDA, run the Triton kernels (RMSNorm, RoPE, SwiGLU/GeGLU, the fused loss), each only after it "
+            "passes a one-time check against its PyTorch reference on the device. False: the PyTorch versions of "
+            "the same ops (as TUNESMITH_KERNELS=off does for every run).",
+            "kernels",
+        ),
+    )
     attention: str = field(
         default="auto",
         metadata=_help(

@@ -208,7 +208,7 @@ class SFTTrainer(Trainer):
             softcap=_final_logit_softcap(model),
             dft=self.args.loss_type == "dft",
             reduction="sum",
-            impl="auto" if self.args.use_kernels else "reference",
+            impl=_loss_impl(self.args),
             return_entropy=self.args.log_entropy,
         )
         return out if self.args.log_entropy else (*out, torch.zeros((), device=hidden.device))
@@ -522,6 +522,14 @@ def _apply_old_kwargs(args: SFTConfig, processing_class, old_kwargs: dict):
     return processing_class
 
 
+def _loss_impl(args: SFTConfig) -> str:
+    """The fused loss's impl: the full-logits reference without kernels, the chunked PyTorch path with
+    triton_kernels=False, else "auto" (its Triton kernel on CUDA once checked, ops.selfcheck)."""
+    if not args.use_kernels:
+        return "reference"
+    return "auto" if args.triton_kernels else "chunked"
+
+
 def _fall_back_from_bitsandbytes(args: SFTConfig) -> None:
     name = OptimizerNames(args.optim).value
     needs_bnb = "8bit" in name or "bnb" in name or name.startswith("paged_")
@@ -578,7 +586,7 @@ def _prepare_model(model, args: SFTConfig, peft_config):
     if args.use_kernels:
         from tunesmith.ops.apply import optimize
 
-        optimize(model)
+        optimize(model, impl="auto" if args.triton_kernels else "torch")
     handle = None
     if not args.gradient_checkpointing:
         policy = "offload" if args.activation_offloading else args.memory_policy
