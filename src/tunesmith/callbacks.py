@@ -126,9 +126,10 @@ class SampleGenerationCallback(TrainerCallback):
     """Greedy generations from a few prompts at every evaluation, logged and kept in `samples`
     as (step, prompt, text)."""
 
-    def __init__(self, prompts, max_new_tokens: int = 64):
+    def __init__(self, prompts, max_new_tokens: int = 64, chat_template_kwargs=None):
         self.prompts = list(prompts)
         self.max_new_tokens = max_new_tokens
+        self.chat_template_kwargs = chat_template_kwargs
         self.samples: list[tuple[int, object, str]] = []
 
     def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -136,7 +137,13 @@ class SampleGenerationCallback(TrainerCallback):
             return
         from tunesmith.generation import generate
 
-        texts = generate(model, processing_class, self.prompts, max_new_tokens=self.max_new_tokens)
+        texts = generate(
+            model,
+            processing_class,
+            self.prompts,
+            max_new_tokens=self.max_new_tokens,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
         for prompt, text in zip(self.prompts, texts):
             self.samples.append((state.global_step, prompt, text))
             logger.info("sample at step %d\n  prompt: %s\n  output: %s", state.global_step, prompt, text)

@@ -265,7 +265,12 @@ def cmd_generate(args) -> int:
     ]
     prompt = args.prompt if args.raw or not tokenizer.chat_template else messages
     (text,) = generate(
-        model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens, **_sampling(args.temperature)
+        model,
+        tokenizer,
+        [prompt],
+        max_new_tokens=args.max_new_tokens,
+        chat_template_kwargs=_template_kwargs(args),
+        **_sampling(args.temperature),
     )
     print(text)
     return 0
@@ -278,6 +283,7 @@ def cmd_chat(args) -> int:
     if not tokenizer.chat_template:
         raise UsageError(f"{args.model}: the tokenizer has no chat template; use `tunesmith generate --raw`")
     history = [{"role": "system", "content": args.system}] if args.system else []
+    template_kwargs = _template_kwargs(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print("chat: type a message; an empty line or Ctrl-D ends, /reset forgets the conversation")
@@ -292,7 +298,12 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": line.rstrip("\n")})
         (reply,) = generate(
-            model, tokenizer, [history], max_new_tokens=args.max_new_tokens, **_sampling(args.temperature)
+            model,
+            tokenizer,
+            [history],
+            max_new_tokens=args.max_new_tokens,
+            chat_template_kwargs=template_kwargs,
+            **_sampling(args.temperature),
         )
         history.append({"role": "assistant", "content": reply})
         print(reply, flush=True)
@@ -325,6 +336,30 @@ def cmd_doctor(args) -> int:
 def _need_folder(path: str) -> None:
     if not Path(path).is_dir():
         raise UsageError(f"{path}: no such folder (expected a model or adapter folder)")
+
+
+def _template_kwargs(args) -> dict | None:
+    """--chat-template-kwargs JSON, else the `data.chat_template_kwargs` the run was trained with (its
+    tunesmith_config.yaml in the model folder), else None: generation renders prompts as training did."""
+    import json
+
+    if args.chat_template_kwargs is not None:
+        try:
+            value = json.loads(args.chat_template_kwargs)
+        except json.JSONDecodeError as err:
+            raise UsageError(
+                f"--chat-template-kwargs: not valid JSON ({err.msg}); e.g. '{{\"enable_thinking\": false}}'"
+            ) from None
+        if not isinstance(value, dict):
+            raise UsageError(f"--chat-template-kwargs: expected a JSON object, got {value!r}")
+        return value
+    saved = Path(args.model) / "tunesmith_config.yaml"
+    if saved.is_file():
+        import yaml
+
+        data = (yaml.safe_load(saved.read_text()) or {}).get("data") or {}
+        return data.get("chat_template_kwargs") or None
+    return None
 
 
 def _sampling(temperature: float) -> dict:
@@ -442,6 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--system", help="system message")
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument(
+            "--chat-template-kwargs",
+            metavar="JSON",
+            help="template variables, e.g. '{\"enable_thinking\": false}' (default: the training run's "
+            "chat_template_kwargs from the folder's tunesmith_config.yaml)",
+        )
         p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into 16-bit safetensors")

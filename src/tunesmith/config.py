@@ -307,6 +307,22 @@ class SFTConfig(TrainingArguments):
         default=False,
         metadata=_help("Train on every token, prompts included (overrides the two above).", "data"),
     )
+    chat_template_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata=_help(
+            "Extra variables for the chat template, e.g. {enable_thinking: false}, wherever it renders "
+            "(training, inspect, generation); a `chat_template_kwargs` column of the data wins per example.",
+            "data",
+        ),
+    )
+    train_on_reasoning: str = field(
+        default="last",
+        metadata=_help(
+            "Which assistant turns' reasoning (reasoning_content / thinking, as the template renders it) is "
+            "trained: last (the final turn's), all, or none. Answers and end-of-turn tokens always train.",
+            "data",
+        ),
+    )
 
     # ---- loss, kernels, memory ----
     loss_type: str = field(
@@ -404,6 +420,7 @@ class SFTConfig(TrainingArguments):
         _check_choice("truncation_mode", self.truncation_mode, ("keep_start", "keep_end", "drop"))
         _check_choice("packing_strategy", self.packing_strategy, ("bfd", "bfd_split", "wrapped"))
         _check_choice("loss_type", self.loss_type, ("nll", "dft"))
+        _check_choice("train_on_reasoning", self.train_on_reasoning, ("last", "all", "none"))
         _check_choice("memory_policy", self.memory_policy, ("auto", "none", "checkpoint", "offload"))
         _check_choice("model_quantization", self.model_quantization, (None, "4bit", "8bit"))
         super().__post_init__()

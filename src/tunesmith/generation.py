@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["generate", "stop_token_ids"]
+__all__ = ["generate", "chat_prompt_ids", "stop_token_ids"]
 
 
 def generate(
-    model, tokenizer, prompts_or_messages, max_new_tokens: int = 128, do_sample: bool = False, **kwargs
+    model,
+    tokenizer,
+    prompts_or_messages,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    chat_template_kwargs: dict | None = None,
+    **kwargs,
 ) -> list[str]:
     """Continuations (new text only, special tokens removed) for each prompt.
 
     `prompts_or_messages`: a string, a list of strings, one conversation (a list of
     {"role", "content"} dicts), or a list of conversations. Conversations go through the
-    tokenizer's chat template with the generation prompt added; strings are tokenized as they are.
+    tokenizer's chat template with the generation prompt added (and `chat_template_kwargs`, e.g.
+    `{"enable_thinking": False}`, as template variables); strings are tokenized as they are.
 
         generate(model, tok, ["The capital of France is"], max_new_tokens=3)  -> [" Paris."]
         generate(model, tok, [{"role": "user", "content": "Hi"}])             -> ["Hello!"]
@@ -33,11 +40,7 @@ def generate(
             if isinstance(item, str):
                 input_ids = tokenizer(item, return_tensors="pt").input_ids
             else:
-                input_ids = tokenizer.apply_chat_template(
-                    item, add_generation_prompt=True, tokenize=True, return_tensors="pt"
-                )
-                if not torch.is_tensor(input_ids):  # newer tokenizers return a BatchEncoding
-                    input_ids = input_ids["input_ids"]
+                input_ids = chat_prompt_ids(tokenizer, item, chat_template_kwargs)
             input_ids = input_ids.to(device)
             with torch.no_grad():
                 generated = model.generate(
@@ -54,6 +57,24 @@ def generate(
     finally:
         model.train(was_training)
     return outputs
+
+
+def chat_prompt_ids(tokenizer, messages, chat_template_kwargs: dict | None = None) -> torch.Tensor:
+    """(1, T) token ids of a conversation rendered with the generation prompt, as training renders it
+    (the same template variables: with `enable_thinking=False` a Qwen3-style template writes its empty
+    `<think></think>` block into the prompt)."""
+    from tunesmith.data.templates import check_template_kwargs
+
+    input_ids = tokenizer.apply_chat_template(
+        messages,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_tensors="pt",
+        **check_template_kwargs(chat_template_kwargs),
+    )
+    if not torch.is_tensor(input_ids):  # newer tokenizers return a BatchEncoding
+        input_ids = input_ids["input_ids"]
+    return input_ids
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

@@ -151,7 +151,13 @@ class SFTTrainer(Trainer):
         if self.args.device.type == "cpu":
             self.add_callback(ReleaseHostMemoryCallback())
         if args.sample_prompts:
-            self.add_callback(SampleGenerationCallback(args.sample_prompts, args.sample_max_new_tokens))
+            self.add_callback(
+                SampleGenerationCallback(
+                    args.sample_prompts,
+                    args.sample_max_new_tokens,
+                    chat_template_kwargs=args.chat_template_kwargs,
+                )
+            )
         self._window = _TokenCounters(self.args.device)
         self._window_start = time.perf_counter()
         self._eval_totals: torch.Tensor | None = None

@@ -144,6 +144,8 @@ def prepare_dataset(
     completion_only_loss=None,
     assistant_only_loss=None,
     train_on_inputs=False,
+    chat_template_kwargs=None,
+    train_on_reasoning="last",
     max_length=1024,
     truncation_mode="keep_start",
     packing=False,
@@ -170,6 +172,7 @@ def prepare_dataset(
     """
     started = time.perf_counter()
     _check_settings(max_length, truncation_mode, packing, packing_strategy)
+    _check_reasoning_settings(chat_template_kwargs, train_on_reasoning)
     if formatting_func is not None:
         check_formatting_func_options(completion_only_loss)
     dataset_kwargs = dict(dataset_kwargs or {})
@@ -184,6 +187,8 @@ def prepare_dataset(
         "completion_only_loss": completion_only_loss,
         "assistant_only_loss": assistant_only_loss,
         "train_on_inputs": train_on_inputs,
+        "chat_template_kwargs": chat_template_kwargs,
+        "train_on_reasoning": train_on_reasoning,
         "max_length": max_length,
         "truncation_mode": truncation_mode,
         "packing": packing,
@@ -202,6 +207,8 @@ def prepare_dataset(
         "completion_only_loss": completion_only_loss,
         "assistant_only_loss": assistant_only_loss,
         "train_on_inputs": train_on_inputs,
+        "chat_template_kwargs": chat_template_kwargs,
+        "train_on_reasoning": train_on_reasoning,
     }
     stats = DataStats(source=describe_source(source), max_length=max_length, streaming=streaming)
     if skip:
@@ -273,6 +280,17 @@ def check_loss_format(fmt: str, assistant_only_loss, source: str, columns) -> No
             f"{fmt!r} (columns: {', '.join(map(str, columns)) or 'none'}). Set assistant_only_loss=False (or "
             "leave it unset); for prompt/completion data completion_only_loss (on by default) already trains "
             "the completion only."
+        )
+
+
+def _check_reasoning_settings(chat_template_kwargs, train_on_reasoning) -> None:
+    from tunesmith.data.templates import check_template_kwargs
+    from tunesmith.data.tokenize import TRAIN_ON_REASONING
+
+    check_template_kwargs(chat_template_kwargs)
+    if train_on_reasoning not in TRAIN_ON_REASONING:
+        raise ValueError(
+            f"train_on_reasoning={train_on_reasoning!r} is not one of {', '.join(TRAIN_ON_REASONING)}"
         )
 
 
@@ -356,6 +374,8 @@ def _tokenize_options(tokenizer, fmt: str, options: dict) -> dict:
         "train_on_inputs": options["train_on_inputs"],
         "chat_template": chat_template,
         "eos_token": options["eos_token"],
+        "chat_template_kwargs": options["chat_template_kwargs"],
+        "train_on_reasoning": options["train_on_reasoning"],
         "dataset_text_field": options["dataset_text_field"],
         "formatting_func": options["formatting_func"],
     }
