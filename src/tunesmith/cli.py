@@ -484,10 +484,11 @@ def main(argv=None) -> int:
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
+    from tunesmith.checkpoint import CheckpointError
     from tunesmith.data.sources import DataError
     from tunesmith.export import ExportError
 
-    return (DataError, ExportError)
+    return (DataError, ExportError, CheckpointError)
 
 
 if __name__ == "__main__":
