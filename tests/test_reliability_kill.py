@@ -9,6 +9,7 @@ kill then lands exactly there, every time, with no timing involved.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,6 +85,15 @@ CHILD = textwrap.dedent(
             return real(self, *a, **k)
         tunesmith.trainer.SFTTrainer.compute_loss = compute_loss
 
+    elif point in ("SIGTERM", "SIGINT"):  # a signal in the forward of step 4: that step ends, is saved
+        import tunesmith.trainer
+        real = tunesmith.trainer.SFTTrainer.compute_loss
+        def compute_loss(self, *a, **k):
+            if self.state.global_step == 3 and self.model.training:
+                os.kill(os.getpid(), getattr(signal, point))
+            return real(self, *a, **k)
+        tunesmith.trainer.SFTTrainer.compute_loss = compute_loss
+
     from tunesmith.cli import main
     sys.exit(main(sys.argv[1:]))
     """
@@ -101,6 +111,16 @@ def setup(tmp_path_factory):
     baseline = run_config(tmp, "baseline")
     assert main(["train", str(baseline)]) == 0
     return tmp, losses(tmp / "baseline")
+
+
+def run_child(tmp: Path, point: str, config: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KILL_POINT": point, "PYTHONPATH": str(ROOT / "src") + os.pathsep + str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(tmp / "child.py"), "train", str(config), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def run_config(tmp: Path, name: str, **extra) -> Path:
@@ -156,10 +176,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_curve(setup, point, limit, 
     name = f"killed-{point}"
     extra = {"save_total_limit": limit} if limit else {}
     config = run_config(tmp, name, **extra)
-    env = {**os.environ, "KILL_POINT": point, "PYTHONPATH": str(ROOT / "src") + os.pathsep + str(ROOT)}
-    child = subprocess.run(
-        [sys.executable, str(tmp / "child.py"), "train", str(config)], env=env, capture_output=True, text=True
-    )
+    child = run_child(tmp, point, config)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
 
     run = tmp / name
@@ -181,3 +198,53 @@ def test_sigkill_then_resume_gives_the_uninterrupted_curve(setup, point, limit, 
         assert curve[step] == pytest.approx(expected[step], abs=1e-6), (step, curve, expected)
     assert curve[8] < curve[1]  # the curve moved (a resume that restarted would still match nothing)
     assert not (run / STAGING).exists()  # the next save cleared the torn staging folder
+
+
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_with_its_own_status_a_marked_report_and_the_resume_command(setup, signame, status):
+    tmp, expected = setup
+    name = f"stopped-{signame}"
+    config = run_config(tmp, name)
+    child = run_child(tmp, signame, config, "logging_steps=1")
+    # 128 + the signal's number, as a shell reports it; not 0 ("done") and not 1/2 (an error)
+    assert child.returncode == status, child.stderr[-2000:]
+    resume = f"tunesmith train {config} logging_steps=1 resume_from_checkpoint=true"
+    assert f"tunesmith train: stopped at step 4 of 8 ({signame}); resume with `{resume}`" in child.stderr
+    assert "done:" not in child.stdout
+    run = tmp / name
+    report = (run / "report.md").read_text()
+    assert "(STOPPED EARLY)" in report.splitlines()[0] and "stopped at step 4 of 8" in report
+    assert not (run / "adapter_model.safetensors").exists()  # no final model: the run did not finish
+    assert checkpoint_problem(run / "checkpoint-4") is None
+
+    # the printed command resumes it; the curve is the uninterrupted one
+    assert main(["train", str(config), "logging_steps=1", "resume_from_checkpoint=true"]) == 0
+    curve = losses(run)
+    for step in range(5, 9):
+        assert curve[step] == pytest.approx(expected[step], abs=1e-6), step
+    assert "STOPPED" not in (run / "report.md").read_text()
+
+
+def test_a_finished_output_dir_is_not_overwritten_unless_asked(setup, capsys):
+    tmp, _ = setup
+    config = run_config(tmp, "baseline")  # finished by the fixture
+    before = (tmp / "baseline" / "adapter_model.safetensors").read_bytes()
+    assert main(["train", str(config)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tunesmith train: output_dir {tmp / 'baseline'} holds a finished run (")
+    assert "resume_from_checkpoint=true" in err and "overwrite_output_dir=true" in err
+    assert "\n" not in err
+    assert (tmp / "baseline" / "adapter_model.safetensors").read_bytes() == before
+
+    # a folder with only checkpoints (a stopped or killed run) is refused too
+    other = tmp / "only-checkpoints"
+    shutil.copytree(tmp / "baseline" / "checkpoint-3", other / "checkpoint-3")
+    assert main(["train", str(run_config(tmp, "only-checkpoints"))]) == 1
+    assert "holds checkpoints of an earlier run (checkpoint-3)" in capsys.readouterr().err
+
+    # asked: overwritten, and the old checkpoints are gone (a later resume cannot pick one of them)
+    assert (
+        main(["train", str(run_config(tmp, "only-checkpoints", max_steps=2)), "overwrite_output_dir=true"])
+        == 0
+    )
+    assert not (other / "checkpoint-3").exists() and (other / "adapter_model.safetensors").exists()

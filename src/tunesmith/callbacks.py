@@ -16,6 +16,7 @@ __all__ = [
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "SignalCheckpointCallback",
+    "TrainingStopped",
     "SampleGenerationCallback",
     "ProgressLineCallback",
 ]
@@ -56,10 +57,12 @@ class SignalCheckpointCallback(TrainerCallback):
 
     def __init__(self):
         self.interrupted = False
+        self.signal_name: str | None = None  # "SIGTERM" / "SIGINT" once one arrived
         self._previous: dict[int, object] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.interrupted = False
+        self.signal_name = None
         if not _in_main_thread():
             return  # signal handlers can only be set from the main thread
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -67,6 +70,7 @@ class SignalCheckpointCallback(TrainerCallback):
 
     def _handle(self, signum, frame):
         self.interrupted = True
+        self.signal_name = signal.Signals(signum).name
         logger.warning(
             "%s received: saving a checkpoint after this step, then stopping", signal.Signals(signum).name
         )
@@ -82,6 +86,16 @@ class SignalCheckpointCallback(TrainerCallback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class TrainingStopped(Exception):
+    """A run stopped by SIGINT / SIGTERM before its last step (raised by the CLI after saving, so that it
+    exits with `exit_status`, 128 + the signal's number, as a shell reports a process killed by it)."""
+
+    def __init__(self, signal_name: str, step: int, total: int, resume: str):
+        self.signal_name, self.step, self.total = signal_name, step, total
+        self.exit_status = 128 + int(signal.Signals[signal_name])
+        super().__init__(f"stopped at step {step} of {total} ({signal_name}); resume with `{resume}`")
 
 
 def _in_main_thread() -> bool:

@@ -39,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "MANIFEST",
     "STAGING",
+    "check_output_dir",
     "checkpoint_problem",
     "list_checkpoints",
     "resolve_resume",
@@ -57,6 +58,8 @@ logger = logging.getLogger(__name__)
 STAGING = ".tunesmith-staging"
 MANIFEST = "tunesmith_checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
+# what `save_model` leaves at the top of output_dir when a run finished
+_FINAL = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHTS = (
     "model.safetensors",
@@ -201,6 +204,35 @@ def _note_staging(output_dir: str | Path) -> None:
                 staging,
                 ", ".join(torn),
             )
+
+
+def check_output_dir(output_dir: str | Path, *, overwrite: bool, resume) -> None:
+    """Refuse to start a fresh run in a folder that holds a finished run or checkpoints of an earlier one
+    (they would be overwritten, or mixed with the new run's), unless `overwrite` (then the old checkpoints
+    are removed, so a later resume cannot pick one of them) or `resume` is set."""
+    folder = Path(output_dir)
+    if resume or not folder.is_dir():
+        return
+    finished = [name for name in (*_FINAL, "report.md") if (folder / name).exists()]
+    checkpoints = [p.name for _, p in list_checkpoints(folder)]
+    if not finished and not checkpoints:
+        return
+    if overwrite:
+        for name in checkpoints:
+            shutil.rmtree(folder / name)
+        shutil.rmtree(folder / STAGING, ignore_errors=True)
+        if checkpoints:
+            logger.warning("overwrite_output_dir: removed the earlier run's %s", ", ".join(checkpoints))
+        return
+    held = (
+        f"a finished run ({', '.join(finished)})"
+        if finished
+        else f"checkpoints of an earlier run ({', '.join(checkpoints[:3])})"
+    )
+    raise CheckpointError(
+        f"output_dir {folder} holds {held}: set resume_from_checkpoint=true to continue it, "
+        "overwrite_output_dir=true to replace it, or choose another output_dir"
+    )
 
 
 # ----------------------------------------------------------------------------- writing

@@ -142,6 +142,15 @@ class SFTConfig(TrainingArguments):
             "training",
         ),
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help(
+            "`tunesmith train`: start afresh in an output_dir that holds a finished run or checkpoints "
+            "(its checkpoints are removed). False: such a folder is refused unless resume_from_checkpoint "
+            "is set.",
+            "training",
+        ),
+    )
 
     # ---- model (TRL's model fields + the loader's) ----
     model_name_or_path: str | None = field(

@@ -152,7 +152,8 @@ class SFTTrainer(Trainer):
         if not skip_prepare:
             self._signature_columns = list(_DATASET_COLUMNS)
         self.nonfinite_guard = NonFiniteLossGuard()
-        self.add_callback(SignalCheckpointCallback())
+        self._signal_stop = SignalCheckpointCallback()
+        self.add_callback(self._signal_stop)
         if self.args.device.type == "cpu":
             self.add_callback(ReleaseHostMemoryCallback())
         if args.sample_prompts:
@@ -172,9 +173,23 @@ class SFTTrainer(Trainer):
         self._window.reset()
         self._window_start = time.perf_counter()
         output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.stopped_by:
+            logger.warning(
+                "stopped at step %d of %d (%s); the checkpoint is in %s; resume with resume_from_checkpoint=True",
+                self.state.global_step,
+                self.state.max_steps,
+                self.stopped_by,
+                os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}"),
+            )
         if self.memory_policy is not None and self.memory_policy.policy == "auto":
             logger.info(self.memory_policy.summary())
         return output
+
+    @property
+    def stopped_by(self) -> str | None:
+        """ "SIGTERM" / "SIGINT" when the last `train()` stopped early on that signal (after saving a
+        checkpoint), else None."""
+        return self._signal_stop.signal_name
 
     # ------------------------------------------------------------------ loss
 
