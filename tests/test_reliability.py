@@ -250,3 +250,41 @@ def test_a_failed_gguf_export_leaves_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export.export_gguf(tmp_path / "model", out)
     assert out.read_bytes() == good and not (tmp_path / "model.gguf.partial").exists()
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_before_its_update_naming_the_batch(tmp_path):
+    # The case: a finite loss whose gradient is NaN. A hook turns the gradient of one weight into
+    # NaN during optimizer step 2 only; the guard must stop before that step's update and name its rows.
+    import torch
+    from transformers import TrainerCallback
+
+    from tunesmith.callbacks import NonFiniteLossError
+
+    model = tiny_model("llama")
+    weight = model.model.layers[0].mlp.down_proj.weight
+    poisoned = {"on": False}
+    weight.register_hook(lambda g: g * float("nan") if poisoned["on"] else g)
+    seen = {}
+
+    class PoisonStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:  # step 2 begins: the weights are those after step 1
+                poisoned["on"] = True
+                seen["weight"] = weight.detach().clone()
+
+    trainer = SFTTrainer(
+        model,
+        args=args(tmp_path, save_strategy="no", max_grad_norm=1.0),
+        train_dataset=DATA,
+        processing_class=tiny_tokenizer(),
+        callbacks=[PoisonStep2()],
+    )
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "the gradient norm is nan at optimizer step 2 (before its update, which was not applied" in message
+    # 2 micro-batches of 2 rows (batch 2 x accumulation 2) in step 2, named by their prepared-set index
+    rows = json.loads(message.split("hold rows ")[1].split("]")[0] + "]")
+    assert len(rows) == 4 and set(rows) <= set(range(len(DATA)))
+    assert "lower the learning rate (now " in message and "max_grad_norm" not in message  # it was set
+    assert torch.equal(weight.detach(), seen["weight"]) and torch.isfinite(weight).all()

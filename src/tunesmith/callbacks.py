@@ -47,6 +47,29 @@ class NonFiniteLossGuard:
             "the learning rate or enable max_grad_norm, or train in float32 / bf16 rather than fp16."
         )
 
+    def check_grad_norm(
+        self, grad_norm, step: int, rows, *, learning_rate: float, max_grad_norm: float
+    ) -> None:
+        """Stops before the optimizer step when the gradient norm of optimizer step `step + 1` is NaN or
+        infinite (the loss can still be finite), so that update is never applied; `rows` are the prepared
+        training set's rows of every micro-batch of that step."""
+        value = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
+        if math.isfinite(value):
+            return
+        where = f"rows {sorted(rows)}" if rows else "unknown rows (the batches carried no example_index)"
+        fix = (
+            f"lower the learning rate (now {learning_rate:g})"
+            if max_grad_norm and max_grad_norm > 0
+            else f"set max_grad_norm (now {max_grad_norm}) to clip gradients, or lower the learning rate "
+            f"(now {learning_rate:g})"
+        )
+        raise NonFiniteLossError(
+            f"training stopped: the gradient norm is {value} at optimizer step {step + 1} (before its update, "
+            f"which was not applied; the weights are those after step {step}); the step's batches hold {where} "
+            f"of the prepared training set. Look at those examples (`tunesmith inspect`), {fix}, or train in "
+            "float32 / bf16 rather than fp16."
+        )
+
 
 class SignalCheckpointCallback(TrainerCallback):
     """On SIGINT or SIGTERM: finish the current optimizer step, save a checkpoint, stop cleanly.

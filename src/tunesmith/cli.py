@@ -511,11 +511,12 @@ def main(argv=None) -> int:
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
+    from tunesmith.callbacks import NonFiniteLossError
     from tunesmith.checkpoint import CheckpointError
     from tunesmith.data.sources import DataError
     from tunesmith.export import ExportError
 
-    return (DataError, ExportError, CheckpointError)
+    return (DataError, ExportError, CheckpointError, NonFiniteLossError)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,7 @@ class SFTTrainer(Trainer):
         if not skip_prepare:
             self._signature_columns = list(_DATASET_COLUMNS)
         self.nonfinite_guard = NonFiniteLossGuard()
+        self._step_rows: list[int] = []
         self._signal_stop = SignalCheckpointCallback()
         self.add_callback(self._signal_stop)
         if self.args.device.type == "cpu":
@@ -203,6 +204,8 @@ class SFTTrainer(Trainer):
         loss_sum, num_correct, entropy_sum = self._loss_sum(model, inputs)
         num_supervised = (shift_labels != IGNORE_INDEX).sum()
         self.nonfinite_guard.check(loss_sum, self.state.global_step, example_index)
+        if model.training and example_index is not None:
+            self._step_rows.extend(example_index)  # named if this optimizer step's gradient is non-finite
 
         # Divide by the supervised tokens of the whole optimizer step (all micro-batches, all
         # processes) so that accumulation and data parallelism do not change the result.
@@ -371,6 +374,21 @@ class SFTTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Trainer calls this once per optimizer step, after clipping and before `optimizer.step()`: a NaN /
+        # inf norm stops there, so its update is never applied, naming the rows of that step's batches
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        rows, self._step_rows = self._step_rows, []
+        if grad_norm is not None:
+            self.nonfinite_guard.check_grad_norm(
+                grad_norm,
+                self.state.global_step,
+                rows,
+                learning_rate=self._get_learning_rate(),
+                max_grad_norm=self.args.max_grad_norm,
+            )
+        return grad_norm
 
     def _get_output_dir(self, trial) -> str:
         # while a checkpoint is written, Trainer's own save goes into the staging folder
