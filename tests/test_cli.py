@@ -190,7 +190,11 @@ def test_train_without_data_runs_the_quick_start(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(tunesmith.quickstart, "run_quickstart", lambda *a, **kw: calls.append((a, kw)))
     assert main(["train", "max_steps=5"]) == 0
-    assert calls[-1] == ((["max_steps=5"],), {})  # no file: the built-in settings + overrides
+    # no file: the built-in settings + overrides (and the command that would resume it)
+    assert calls[-1] == (
+        (["max_steps=5"],),
+        {"resume_command": "tunesmith train max_steps=5 resume_from_checkpoint=true"},
+    )
     config = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
     assert main(["train", str(config), "max_steps=7"]) == 0
     assert calls[-1][1]["config"].max_steps == 7  # the file's settings, overrides applied

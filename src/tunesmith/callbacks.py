@@ -16,6 +16,7 @@ __all__ = [
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "SignalCheckpointCallback",
+    "TrainingStopped",
     "SampleGenerationCallback",
     "ProgressLineCallback",
 ]
@@ -46,6 +47,29 @@ class NonFiniteLossGuard:
             "the learning rate or enable max_grad_norm, or train in float32 / bf16 rather than fp16."
         )
 
+    def check_grad_norm(
+        self, grad_norm, step: int, rows, *, learning_rate: float, max_grad_norm: float
+    ) -> None:
+        """Stops before the optimizer step when the gradient norm of optimizer step `step + 1` is NaN or
+        infinite (the loss can still be finite), so that update is never applied; `rows` are the prepared
+        training set's rows of every micro-batch of that step."""
+        value = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
+        if math.isfinite(value):
+            return
+        where = f"rows {sorted(rows)}" if rows else "unknown rows (the batches carried no example_index)"
+        fix = (
+            f"lower the learning rate (now {learning_rate:g})"
+            if max_grad_norm and max_grad_norm > 0
+            else f"set max_grad_norm (now {max_grad_norm}) to clip gradients, or lower the learning rate "
+            f"(now {learning_rate:g})"
+        )
+        raise NonFiniteLossError(
+            f"training stopped: the gradient norm is {value} at optimizer step {step + 1} (before its update, "
+            f"which was not applied; the weights are those after step {step}); the step's batches hold {where} "
+            f"of the prepared training set. Look at those examples (`tunesmith inspect`), {fix}, or train in "
+            "float32 / bf16 rather than fp16."
+        )
+
 
 class SignalCheckpointCallback(TrainerCallback):
     """On SIGINT or SIGTERM: finish the current optimizer step, save a checkpoint, stop cleanly.
@@ -56,10 +80,12 @@ class SignalCheckpointCallback(TrainerCallback):
 
     def __init__(self):
         self.interrupted = False
+        self.signal_name: str | None = None  # "SIGTERM" / "SIGINT" once one arrived
         self._previous: dict[int, object] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.interrupted = False
+        self.signal_name = None
         if not _in_main_thread():
             return  # signal handlers can only be set from the main thread
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -67,6 +93,7 @@ class SignalCheckpointCallback(TrainerCallback):
 
     def _handle(self, signum, frame):
         self.interrupted = True
+        self.signal_name = signal.Signals(signum).name
         logger.warning(
             "%s received: saving a checkpoint after this step, then stopping", signal.Signals(signum).name
         )
@@ -82,6 +109,16 @@ class SignalCheckpointCallback(TrainerCallback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class TrainingStopped(Exception):
+    """A run stopped by SIGINT / SIGTERM before its last step (raised by the CLI after saving, so that it
+    exits with `exit_status`, 128 + the signal's number, as a shell reports a process killed by it)."""
+
+    def __init__(self, signal_name: str, step: int, total: int, resume: str):
+        self.signal_name, self.step, self.total = signal_name, step, total
+        self.exit_status = 128 + int(signal.Signals[signal_name])
+        super().__init__(f"stopped at step {step} of {total} ({signal_name}); resume with `{resume}`")
 
 
 def _in_main_thread() -> bool:

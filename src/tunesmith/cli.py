@@ -152,17 +152,22 @@ def cmd_train(args) -> int:
             )
         from tunesmith.quickstart import run_quickstart
 
+        resume = _resume_command(args)
         if args.config is None:  # the quick start's own settings plus the overrides
-            run_quickstart([o for o in args.overrides if not o.startswith("dataset")])
+            run_quickstart([o for o in args.overrides if not o.startswith("dataset")], resume_command=resume)
         else:  # the file's settings, overrides applied
-            run_quickstart(config=config)
+            run_quickstart(config=config, resume_command=resume)
         return 0
 
-    from tunesmith.callbacks import ProgressLineCallback
+    from tunesmith.callbacks import ProgressLineCallback, TrainingStopped
+    from tunesmith.checkpoint import check_output_dir
     from tunesmith.report import MetricsCallback, write_report
     from tunesmith.trainer import SFTTrainer
 
     model = _check_model(config.model_name_or_path)
+    check_output_dir(
+        config.output_dir, overwrite=config.overwrite_output_dir, resume=config.resume_from_checkpoint
+    )
     config.save_resolved(config.output_dir)
     trainer = SFTTrainer(
         model,
@@ -172,12 +177,29 @@ def cmd_train(args) -> int:
         callbacks=[MetricsCallback(), ProgressLineCallback()],
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model()
     final = {k: v for r in trainer.state.log_history for k, v in r.items() if k in ("loss", "eval_loss")}
     notes = [f"final {k}: {v:.4f}" for k, v in final.items()] + [f"data: {data.train}", f"model: {model}"]
-    write_report(config.output_dir, title=f"tunesmith run: {Path(config.output_dir).name}", notes=notes)
+    title = f"tunesmith run: {Path(config.output_dir).name}"
+    if trainer.stopped_by:
+        # not finished: no final model in output_dir (the checkpoint holds it), a report that says so
+        stop = TrainingStopped(
+            trainer.stopped_by, trainer.state.global_step, trainer.state.max_steps, _resume_command(args)
+        )
+        write_report(config.output_dir, title=f"{title} (STOPPED EARLY)", notes=[f"**{stop}**", *notes])
+        raise stop
+    trainer.save_model()
+    write_report(config.output_dir, title=title, notes=notes)
     print(f"done: model and report in {config.output_dir}")
     return 0
+
+
+def _resume_command(args) -> str:
+    """The command line that resumes this `tunesmith train` run."""
+    import shlex
+
+    kept = [o for o in args.overrides if not o.startswith("resume_from_checkpoint=")]
+    words = ["tunesmith", "train", *([args.config] if args.config else []), *kept]
+    return shlex.join([*words, "resume_from_checkpoint=true"])
 
 
 def _prepare(config, source, split, tokenizer):
@@ -522,6 +544,11 @@ def main(argv=None) -> int:
         print(f"tunesmith {args.command}: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except Exception as err:
+        from tunesmith.callbacks import TrainingStopped
+
+        if isinstance(err, TrainingStopped):  # saved, not finished: 128 + the signal, as a shell shows it
+            print(f"tunesmith {args.command}: {err}", file=sys.stderr)
+            return err.exit_status
         # our own "for people" errors (config, data, export) print as one line; anything else is a bug
         # and keeps its traceback
         from tunesmith.config import ConfigError
@@ -539,10 +566,12 @@ def main(argv=None) -> int:
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
+    from tunesmith.callbacks import NonFiniteLossError
+    from tunesmith.checkpoint import CheckpointError
     from tunesmith.data.sources import DataError
     from tunesmith.export import ExportError
 
-    return (DataError, ExportError)
+    return (DataError, ExportError, CheckpointError, NonFiniteLossError)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,25 @@ class SFTConfig(TrainingArguments):
         ),
     )
 
+    resume_from_checkpoint: str | bool | None = field(
+        default=None,
+        metadata=_help(
+            "Resume training: true = the newest complete checkpoint in output_dir (incomplete ones, from a "
+            "killed save, are skipped and named); a path = that checkpoint (refused if incomplete); "
+            "null/false = start afresh.",
+            "training",
+        ),
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help(
+            "`tunesmith train`: start afresh in an output_dir that holds a finished run or checkpoints "
+            "(its checkpoints are removed). False: such a folder is refused unless resume_from_checkpoint "
+            "is set.",
+            "training",
+        ),
+    )
+
     # ---- model (TRL's model fields + the loader's) ----
     model_name_or_path: str | None = field(
         default=None,
@@ -476,9 +495,11 @@ class SFTConfig(TrainingArguments):
 
     def save_resolved(self, directory: str | Path) -> Path:
         """Write the resolved configuration to `directory/tunesmith_config.yaml`; return the path."""
+        from tunesmith.checkpoint import atomic_file
+
         path = Path(directory) / "tunesmith_config.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
+        with atomic_file(path) as partial:  # a crash leaves the old file or the new one
+            partial.write_text(self.to_yaml())
         return path
 
 

@@ -10,8 +10,10 @@ Heavy libraries are imported inside the functions, so `tunesmith --help` stays f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -68,10 +70,23 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfl
     model = load_model(base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model.to(torch_dtype)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    base_dir = Path(base) if Path(base).exists() else adapter_dir
-    _load_tokenizer(adapter_dir, base_dir).save_pretrained(output_dir)
+    from tunesmith.checkpoint import STAGING, is_disk_full, publish_files, space_error, staging_dir
+
+    # written into a staging folder, then moved into place file by file: a crash leaves each file of
+    # `output_dir` old or new, never torn
+    staged = staging_dir(output_dir.parent, f"merge-{output_dir.name}")
+    try:
+        model.save_pretrained(staged, safe_serialization=True)
+        base_dir = Path(base) if Path(base).exists() else adapter_dir
+        _load_tokenizer(adapter_dir, base_dir).save_pretrained(staged)
+        publish_files(staged, output_dir)
+    except Exception as err:
+        shutil.rmtree(staged, ignore_errors=True)
+        _remove_empty(output_dir.parent / STAGING)
+        if is_disk_full(err):
+            needed = sum(p.numel() * p.element_size() for p in model.parameters())
+            raise space_error(output_dir, "the merged model", needed, err) from None
+        raise
     logger.info("merged %s into %s (%s) -> %s", adapter_dir, base, torch_dtype, output_dir)
     return output_dir
 
@@ -234,9 +249,6 @@ def _write_llama_gguf(model_dir: Path, out_file: Path, type: str) -> Path:
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
         raise ExportError(f"GGUF export does not write rope scaling yet (this model uses {rope_type!r})")
-    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     state = model.state_dict()
@@ -244,7 +256,27 @@ def _write_llama_gguf(model_dir: Path, out_file: Path, type: str) -> Path:
         state.pop("lm_head.weight", None)  # tied: llama.cpp (and transformers) reuse token_embd
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out_file), "llama")
+    from tunesmith.checkpoint import atomic_file, is_disk_full, space_error
+
+    try:
+        # FILE.partial, renamed onto FILE once written: a crash leaves the old file (or none), never torn
+        with atomic_file(out_file) as partial:
+            _write_gguf(gguf.GGUFWriter(str(partial), "llama"), model_dir, config, state, type)
+    except Exception as err:
+        if is_disk_full(err):
+            raise space_error(out_file.parent, out_file.name, None, err) from None
+        raise
+    logger.info("wrote %s (%s, %d tensors)", out_file, type, len(state))
+    return out_file
+
+
+def _write_gguf(writer, model_dir: Path, config, state: dict, type: str) -> None:
+    import gguf
+
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     writer.add_name(model_dir.name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -282,5 +314,8 @@ def _write_llama_gguf(model_dir: Path, out_file: Path, type: str) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    logger.info("wrote %s (%s, %d tensors)", out_file, type, len(state))
-    return out_file
+
+
+def _remove_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()

@@ -114,6 +114,7 @@ QUICKSTART_CONFIG = {
         "save_strategy": "steps",
         "save_steps": 120,
         "save_total_limit": 1,
+        "overwrite_output_dir": True,  # a demo: running it again replaces the last one
         "seed": 0,
         "report_to": "none",
     },
@@ -181,6 +182,7 @@ def run_quickstart(
     num_train: int = NUM_TRAIN,
     num_heldout: int = NUM_HELDOUT,
     out=print,
+    resume_command: str = "tunesmith train resume_from_checkpoint=true",
 ):
     """Measure the default model on held-out dates, train LoRA on the generated task, measure again.
 
@@ -197,6 +199,11 @@ def run_quickstart(
 
     if config is None:
         config = load_config(QUICKSTART_CONFIG, overrides)
+    from tunesmith.checkpoint import check_output_dir
+
+    check_output_dir(
+        config.output_dir, overwrite=config.overwrite_output_dir, resume=config.resume_from_checkpoint
+    )
     splits = make_splits(num_train, num_heldout, seed=config.seed)
     started = time.perf_counter()
     from tunesmith.models.load import DEFAULT_ALIASES
@@ -222,7 +229,19 @@ def run_quickstart(
         processing_class=tokenizer,
         callbacks=[MetricsCallback()],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    if trainer.stopped_by:
+        from tunesmith.callbacks import TrainingStopped
+
+        stop = TrainingStopped(
+            trainer.stopped_by, trainer.state.global_step, trainer.state.max_steps, resume_command
+        )
+        write_report(
+            config.output_dir,
+            title="tunesmith quick start (STOPPED EARLY)",
+            notes=[f"**{stop}**", f"exact match before training: {before:.1%}"],
+        )
+        raise stop
     trainer.save_model()
 
     out("measuring the model after training ...")

@@ -50,10 +50,22 @@ class MetricsCallback(TrainerCallback):
         return self.output_dir or Path(args.output_dir)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # a fresh run (step 0) into a used folder starts a new file; a resumed run (step > 0) appends
+        # a fresh run (step 0) into a used folder starts a new file; a resumed run (step > 0) appends,
+        # after dropping what the interrupted run logged past the checkpoint it resumes from (those steps
+        # are trained again, so they would be in the file twice)
         path = self._folder(args) / METRICS_FILE
-        if state.is_world_process_zero and state.global_step == 0 and path.exists():
+        if not state.is_world_process_zero or not path.exists():
+            return
+        if state.global_step == 0:
             path.unlink()
+            return
+        records = read_metrics(path)
+        kept = [r for r in records if r.get("step", 0) <= state.global_step]
+        if len(kept) != len(records):
+            from tunesmith.checkpoint import atomic_file
+
+            with atomic_file(path) as partial:
+                partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

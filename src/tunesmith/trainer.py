@@ -25,7 +25,9 @@ import inspect
 import logging
 import math
 import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,6 +114,9 @@ class SFTTrainer(Trainer):
             args.max_length = int(model_max_length)
         _fall_back_from_bitsandbytes(args)
 
+        # Seed before anything random is made (LoRA's initialisation, a model loaded by name), not only in
+        # Trainer.__init__ below, which runs after: two runs of one config then agree from step 1.
+        _seed_everything(args)
         model, self.memory_policy = _prepare_model(model, args, peft_config)
         processing_class = _prepare_tokenizer(processing_class, model, args)
         skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
@@ -147,7 +152,9 @@ class SFTTrainer(Trainer):
         if not skip_prepare:
             self._signature_columns = list(_DATASET_COLUMNS)
         self.nonfinite_guard = NonFiniteLossGuard()
-        self.add_callback(SignalCheckpointCallback())
+        self._step_rows: list[int] = []
+        self._signal_stop = SignalCheckpointCallback()
+        self.add_callback(self._signal_stop)
         if self.args.device.type == "cpu":
             self.add_callback(ReleaseHostMemoryCallback())
         if args.sample_prompts:
@@ -162,14 +169,34 @@ class SFTTrainer(Trainer):
         self._window_start = time.perf_counter()
         self._eval_totals: torch.Tensor | None = None
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer.train; `resume_from_checkpoint=True` takes the newest *complete* checkpoint in
+        `output_dir` (saying which, and why newer ones were skipped), a path is checked to be complete
+        first (see `tunesmith.checkpoint`)."""
+        from tunesmith.checkpoint import resolve_resume
+
+        resume_from_checkpoint = resolve_resume(self.args.output_dir, resume_from_checkpoint)
         # tokens/s counts from the first step, not from the trainer's construction
         self._window.reset()
         self._window_start = time.perf_counter()
-        output = super().train(*args, **kwargs)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.stopped_by:
+            logger.warning(
+                "stopped at step %d of %d (%s); the checkpoint is in %s; resume with resume_from_checkpoint=True",
+                self.state.global_step,
+                self.state.max_steps,
+                self.stopped_by,
+                os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}"),
+            )
         if self.memory_policy is not None and self.memory_policy.policy == "auto":
             logger.info(self.memory_policy.summary())
         return output
+
+    @property
+    def stopped_by(self) -> str | None:
+        """ "SIGTERM" / "SIGINT" when the last `train()` stopped early on that signal (after saving a
+        checkpoint), else None."""
+        return self._signal_stop.signal_name
 
     # ------------------------------------------------------------------ loss
 
@@ -183,6 +210,8 @@ class SFTTrainer(Trainer):
         loss_sum, num_correct, entropy_sum = self._loss_sum(model, inputs)
         num_supervised = (shift_labels != IGNORE_INDEX).sum()
         self.nonfinite_guard.check(loss_sum, self.state.global_step, example_index)
+        if model.training and example_index is not None:
+            self._step_rows.extend(example_index)  # named if this optimizer step's gradient is non-finite
 
         # Divide by the supervised tokens of the whole optimizer step (all micro-batches, all
         # processes) so that accumulation and data parallelism do not change the result.
@@ -321,13 +350,141 @@ class SFTTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Write the adapter (LoRA) or the full model, the tokenizer with its chat template, and the
         resolved config (`tunesmith_config.yaml`) to `output_dir` (default `args.output_dir`).
-        Trainer calls this for every checkpoint too, so each checkpoint folder holds its config."""
-        super().save_model(output_dir, _internal_call)
+        Trainer calls this for every checkpoint too, so each checkpoint folder holds its config.
+
+        Crash-safe: written into a staging folder first, then each file moved into place with
+        `os.replace`, so a kill leaves every file old or new, never torn. (A checkpoint's call is
+        already inside `_save_checkpoint`'s staging folder.)"""
+        if _internal_call:
+            super().save_model(output_dir, _internal_call)
+            if self.args.should_save:
+                self.args.save_resolved(output_dir or self.args.output_dir)
+            return
+        from tunesmith import checkpoint as ckpt
+
+        target = output_dir or self.args.output_dir
+        staged = Path(target) / ckpt.STAGING / "model"
         if self.args.should_save:
-            self.args.save_resolved(output_dir or self.args.output_dir)
+            ckpt.staging_dir(target, "model")
+        self.accelerator.wait_for_everyone()
+        try:
+            super().save_model(str(staged), _internal_call=True)  # no Hub push from the staging folder
+            if self.args.should_save:
+                self.args.save_resolved(staged)
+                ckpt.publish_files(staged, target)
+        except Exception as err:
+            if ckpt.is_disk_full(err):
+                shutil.rmtree(staged, ignore_errors=True)
+                raise ckpt.space_error(target, "the final model", _model_bytes(self.model), err) from None
+            raise
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Trainer calls this once per optimizer step, after clipping and before `optimizer.step()`: a NaN /
+        # inf norm stops there, so its update is never applied, naming the rows of that step's batches
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        rows, self._step_rows = self._step_rows, []
+        if grad_norm is not None:
+            self.nonfinite_guard.check_grad_norm(
+                grad_norm,
+                self.state.global_step,
+                rows,
+                learning_rate=self._get_learning_rate(),
+                max_grad_norm=self.args.max_grad_norm,
+            )
+        return grad_norm
+
+    def _get_output_dir(self, trial) -> str:
+        # while a checkpoint is written, Trainer's own save goes into the staging folder
+        staging = getattr(self, "_staging_root", None)
+        return str(staging) if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint (weights, optimizer, scheduler, RNG states, trainer state, tokenizer,
+        config), written into `output_dir/.tunesmith-staging/checkpoint-N`, flushed, given its manifest,
+        then renamed to `output_dir/checkpoint-N`; older checkpoints rotate away only after that."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        from tunesmith import checkpoint as ckpt
+
+        run_dir = super()._get_output_dir(trial)
+        step = self.state.global_step
+        name = f"checkpoint-{step}"
+        root = Path(run_dir) / ckpt.STAGING
+        needed = _previous_checkpoint_bytes(run_dir)
+        if self.args.should_save:
+            if root.exists():
+                shutil.rmtree(root)  # what a killed save left behind
+            root.mkdir(parents=True)
+            free = shutil.disk_usage(run_dir).free
+            if needed and free < needed:
+                raise ckpt.space_error(run_dir, name, needed)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = root
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as err:
+            if ckpt.is_disk_full(err):
+                shutil.rmtree(root, ignore_errors=True)
+                raise ckpt.space_error(run_dir, name, needed or _model_bytes(self.model), err) from None
+            raise
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged, final = root / name, Path(run_dir) / name
+            best = self.state.best_global_step
+            if best:  # Trainer looked for the best checkpoint in the staging folder: point it at the real one
+                best_dir = Path(run_dir) / f"checkpoint-{best}"
+                if best == step or best_dir.exists():
+                    self.state.best_model_checkpoint = str(best_dir)
+                    self.state.save_to_json(str(staged / "trainer_state.json"))
+            ckpt.fsync_tree(staged)
+            ckpt.write_manifest(staged, step)
+            ckpt.publish_checkpoint(staged, final)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
 
 
 UnslothTrainer = SFTTrainer
+
+
+def _seed_everything(args: SFTConfig) -> None:
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
+
+
+def _previous_checkpoint_bytes(run_dir: str) -> int | None:
+    """Size of the newest complete checkpoint in `run_dir` (the next one needs about as much), or None."""
+    from tunesmith.checkpoint import checkpoint_problem, folder_size, list_checkpoints
+
+    for _, folder in list_checkpoints(run_dir):
+        if checkpoint_problem(folder) is None:
+            return folder_size(folder)
+    return None
+
+
+def _model_bytes(model) -> int:
+    """A lower bound of what a save writes: the trainable weights (+ AdamW's two fp32 moments each),
+    or every weight for a full fine-tune."""
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    if trainable == sum(p.numel() for p in params):
+        weights = sum(p.numel() * p.element_size() for p in params)
+    else:
+        weights = trainable * 4
+    return weights + trainable * 8
 
 
 # ---------------------------------------------------------------------- model helpers

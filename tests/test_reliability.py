@@ -1,0 +1,290 @@
+"""Crash-safe checkpoints and outputs, resume from the newest complete checkpoint, seeding.
+
+The SIGKILL tests on a real training subprocess are in test_reliability_kill.py."""
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from tests.test_checkpointing import DATA, args, losses
+from tests.tiny import tiny_model, tiny_tokenizer
+from tunesmith import SFTTrainer
+from tunesmith.checkpoint import (
+    MANIFEST,
+    STAGING,
+    CheckpointError,
+    atomic_file,
+    checkpoint_problem,
+    publish_files,
+    resolve_resume,
+)
+from tunesmith.config import load_config
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A 6-step run with checkpoints at steps 3 and 6 (LoRA on a tiny Llama), and its loss curve."""
+    out = tmp_path_factory.mktemp("run") / "full"
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=args(out, use_peft=True, lora_r=4, learning_rate=1e-2),
+        train_dataset=DATA,
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    return out, losses(trainer)
+
+
+def copy_run(saved_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(saved_run[0], out)
+    return out
+
+
+def test_checkpoints_are_complete_with_a_manifest_and_no_staging_left(saved_run):
+    out, _ = saved_run
+    for step in (3, 6):
+        folder = out / f"checkpoint-{step}"
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert manifest["step"] == step
+        # every piece needed to resume is listed, with its size
+        for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            assert manifest["files"][name] == (folder / name).stat().st_size, name
+        assert {"trainer_state.json", "tunesmith_config.yaml", "tokenizer_config.json"} <= set(
+            manifest["files"]
+        )
+        assert checkpoint_problem(folder) is None
+    assert not (out / STAGING).exists()
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda f: (f / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+        (lambda f: _truncate(f / "adapter_model.safetensors"), "adapter_model.safetensors is"),
+        (lambda f: (f / MANIFEST).write_text("{"), "unreadable"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_with_what_is_wrong(saved_run, tmp_path, damage, reason):
+    out = copy_run(saved_run, tmp_path)
+    damage(out / "checkpoint-6")
+    assert reason in checkpoint_problem(out / "checkpoint-6")
+
+
+def _truncate(path, keep=100):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+def test_checkpoints_without_manifest_are_checked_by_structure(saved_run, tmp_path):
+    # a checkpoint written by plain transformers (or tunesmith before manifests) has no manifest
+    out = copy_run(saved_run, tmp_path)
+    folder = out / "checkpoint-6"
+    (folder / MANIFEST).unlink()
+    assert checkpoint_problem(folder) is None
+    _truncate(folder / "adapter_model.safetensors", keep=200)
+    assert "adapter_model.safetensors is truncated" in checkpoint_problem(folder)
+    (folder / "trainer_state.json").unlink()
+    assert checkpoint_problem(folder) == "no trainer_state.json (the save did not finish)"
+
+
+def test_resume_true_takes_the_newest_complete_and_says_why_newer_were_skipped(saved_run, tmp_path, caplog):
+    # the issue's case: a torn checkpoint-6 (written in place by an older version, killed before its
+    # trainer state) beside a complete checkpoint-3
+    out = copy_run(saved_run, tmp_path)
+    (out / "checkpoint-6" / MANIFEST).unlink()
+    (out / "checkpoint-6" / "trainer_state.json").unlink()
+    caplog.set_level(logging.WARNING, logger="tunesmith.checkpoint")
+    assert resolve_resume(out, True) == str(out / "checkpoint-3")
+    assert "resuming from" in caplog.text and "checkpoint-3 (step 3)" in caplog.text
+    assert "skipped checkpoint-6: no trainer_state.json" in caplog.text
+
+    # the trainer resumes from it and continues the original curve
+    _, curve = saved_run
+    resumed = SFTTrainer(
+        tiny_model("llama"),  # the same base weights (the checkpoint holds the adapter only)
+        args=args(out, use_peft=True, lora_r=4, learning_rate=1e-2),
+        train_dataset=DATA,
+        processing_class=tiny_tokenizer(),
+    )
+    resumed.train(resume_from_checkpoint=True)
+    after = losses(resumed)
+    for step in (4, 5, 6):
+        assert after[step] == pytest.approx(curve[step], abs=1e-6), step
+    assert checkpoint_problem(out / "checkpoint-6") is None  # re-saved, complete this time
+
+
+def test_a_torn_path_is_refused_naming_the_problem_and_the_good_one(saved_run, tmp_path):
+    out = copy_run(saved_run, tmp_path)
+    (out / "checkpoint-6" / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError) as err:
+        resolve_resume(out, str(out / "checkpoint-6"))
+    message = str(err.value)
+    assert "optimizer.pt is missing" in message and str(out / "checkpoint-3") in message
+    assert "\n" not in message
+
+
+def test_resume_true_with_no_complete_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint in .*checkpoint-2: no trainer_state"):
+        resolve_resume(tmp_path, True)
+    assert resolve_resume(tmp_path, None) is None and resolve_resume(tmp_path, False) is None
+
+
+def test_save_total_limit_keeps_the_newest_complete_checkpoint(tmp_path):
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=args(tmp_path, save_steps=2, save_total_limit=1),
+        train_dataset=DATA,
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert checkpoint_problem(tmp_path / "checkpoint-6") is None
+
+
+@pytest.mark.parametrize("where", ["yaml", "override"])
+def test_resume_from_checkpoint_true_in_yaml_and_on_the_command_line(tmp_path, where):
+    path = tmp_path / "run.yaml"
+    path.write_text("resume_from_checkpoint: true\n" if where == "yaml" else "output_dir: x\n")
+    overrides = ["resume_from_checkpoint=true"] if where == "override" else []
+    assert load_config(path, overrides).resume_from_checkpoint is True
+    assert load_config(None, ["resume_from_checkpoint=out/checkpoint-3"]).resume_from_checkpoint == (
+        "out/checkpoint-3"
+    )
+
+
+def test_atomic_file_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_file(path) as partial:
+        partial.write_text("new, half writ")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old" and not partial.exists()
+    with atomic_file(path) as partial:
+        partial.write_text("new")
+    assert path.read_text() == "new"
+
+
+def test_publish_files_replaces_each_file(tmp_path):
+    target, staged = tmp_path / "out", tmp_path / "out" / STAGING / "model"
+    target.mkdir()
+    (target / "keep.txt").write_text("kept")
+    (target / "config.json").write_text("old")
+    staged.mkdir(parents=True)
+    (staged / "config.json").write_text("new")
+    publish_files(staged, target)
+    assert (target / "config.json").read_text() == "new" and (target / "keep.txt").read_text() == "kept"
+    assert not (target / STAGING).exists()
+
+
+def _step1_grad_norm(tmp_path, name):
+    trainer = SFTTrainer(
+        tiny_model("llama", seed=0),
+        args=args(tmp_path / name, use_peft=True, lora_r=4, max_steps=1, save_strategy="no"),
+        train_dataset=DATA,
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    return next(e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e)
+
+
+def test_the_seed_fixes_lora_initialisation(tmp_path):
+    # LoRA's A matrices are random; they are made in SFTTrainer.__init__ before Trainer seeds, so the
+    # trainer seeds first: the same config twice gives the same first gradient (the issue measured
+    # 0.9593 vs 0.9954 before). The process's RNG is moved in between to show the seed decides.
+    import torch
+
+    first = _step1_grad_norm(tmp_path, "a")
+    torch.rand(1000)
+    second = _step1_grad_norm(tmp_path, "b")
+    assert first == second
+    assert first > 0
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_folder_and_keeps_the_last_one(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):  # the disk fills up while checkpoint-6's optimizer state is written
+        if "checkpoint-6" in str(f) and str(f).endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    trainer = SFTTrainer(
+        tiny_model("llama"), args=args(tmp_path), train_dataset=DATA, processing_class=tiny_tokenizer()
+    )
+    with pytest.raises(CheckpointError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert message.startswith(f"not enough disk space in {tmp_path} to write checkpoint-6: about ")
+    assert "MiB needed" in message and "MiB free" in message and "\n" not in message
+    assert checkpoint_problem(tmp_path / "checkpoint-3") is None  # the last complete one is intact
+    assert not (tmp_path / "checkpoint-6").exists() and not (tmp_path / STAGING).exists()
+
+
+def test_a_failed_gguf_export_leaves_the_old_file(tmp_path, monkeypatch):
+    from tests.test_export import build_llama, build_tokenizer
+    from tunesmith import export
+
+    tok = build_tokenizer(tmp_path / "model")
+    build_llama(tmp_path / "model", tok)
+    out = tmp_path / "model.gguf"
+    export.export_gguf(tmp_path / "model", out)
+    good = out.read_bytes()
+    real = export._write_gguf
+
+    def dies_halfway(writer, *a, **k):
+        real(writer, *a, **k)
+        with open(writer.path, "r+b") as f:  # torn: half the file written when the process died
+            f.truncate(len(good) // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_write_gguf", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_gguf(tmp_path / "model", out)
+    assert out.read_bytes() == good and not (tmp_path / "model.gguf.partial").exists()
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_before_its_update_naming_the_batch(tmp_path):
+    # The issue's case: a finite loss whose gradient is NaN. A hook turns the gradient of one weight into
+    # NaN during optimizer step 2 only; the guard must stop before that step's update and name its rows.
+    import torch
+    from transformers import TrainerCallback
+
+    from tunesmith.callbacks import NonFiniteLossError
+
+    model = tiny_model("llama")
+    weight = model.model.layers[0].mlp.down_proj.weight
+    poisoned = {"on": False}
+    weight.register_hook(lambda g: g * float("nan") if poisoned["on"] else g)
+    seen = {}
+
+    class PoisonStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:  # step 2 begins: the weights are those after step 1
+                poisoned["on"] = True
+                seen["weight"] = weight.detach().clone()
+
+    trainer = SFTTrainer(
+        model,
+        args=args(tmp_path, save_strategy="no", max_grad_norm=1.0),
+        train_dataset=DATA,
+        processing_class=tiny_tokenizer(),
+        callbacks=[PoisonStep2()],
+    )
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "the gradient norm is nan at optimizer step 2 (before its update, which was not applied" in message
+    # 2 micro-batches of 2 rows (batch 2 x accumulation 2) in step 2, named by their prepared-set index
+    rows = json.loads(message.split("hold rows ")[1].split("]")[0] + "]")
+    assert len(rows) == 4 and set(rows) <= set(range(len(DATA)))
+    assert "lower the learning rate (now " in message and "max_grad_norm" not in message  # it was set
+    assert torch.equal(weight.detach(), seen["weight"]) and torch.isfinite(weight).all()
