@@ -309,3 +309,14 @@ def test_training_with_one_wrong_kernel_keeps_the_others(cpu_is_a_kernel_device,
     assert len(calls) == 1  # the glu kernel launched once, in its check (forward; backward not corrupted)
     # the other kernels ran in training: fp32 kernels round differently from PyTorch (~1e-6 relative)
     assert losses == pytest.approx(reference_losses, rel=1e-4)
+
+
+def test_triton_kernels_is_a_config_key_in_the_kernels_section(tmp_path):
+    from tunesmith.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: out\nkernels: {triton_kernels: off}\n")  # YAML reads `off` as false
+    assert load_config(path).triton_kernels is False
+    assert load_config(None, ["triton_kernels=false"]).triton_kernels is False
+    cfg = load_config(None)
+    assert cfg.triton_kernels is True and cfg.to_yaml_dict()["kernels"]["triton_kernels"] is True
