@@ -56,8 +56,7 @@ def test_dry_run_checks_every_step_on_the_cpu(tmp_path):
     assert dist["status"] == "passed", dist["failures"]
     assert dist["configs"] == {"fsdp2": "FSDP", "zero3": "DEEPSPEED"}
     resumed = dist["results"]["fsdp2"]["resume"]
-    assert (
-        resumed["resumed_vs_saved_checkpoint_2"] == 0.0
-        and resumed["final_vs_uninterrupted_checkpoint_4"] <= 1e-3
-    )
+    # the adapter right after resuming from checkpoint-2 is the one saved at step 2, bit for bit, and
+    # the resumed run's step 4 is the uninterrupted run's (here on the CPU: exactly)
+    assert resumed["resumed_vs_saved_step_2"] == 0.0 and resumed["final_vs_uninterrupted_step_4"] == 0.0
     assert "GPU run (DRY RUN" in done.stdout and "results:" in done.stdout

@@ -541,25 +541,14 @@ def worker_e2e(args) -> None:
 
 
 def accelerate_configs(work: Path) -> dict[str, Path]:
-    """accelerate config files for FSDP2 and ZeRO-3 at world size 1 (written, returned by name)."""
+    """The shipped accelerate configs (configs/accelerate/fsdp.yaml: FSDP2; deepspeed-zero3.yaml:
+    ZeRO-3) at world size 1, written to `work`; returned by name."""
     import yaml
 
-    common = {"compute_environment": "LOCAL_MACHINE", "num_machines": 1, "num_processes": 1, "machine_rank": 0,
-              "mixed_precision": "bf16", "main_training_function": "main", "rdzv_backend": "static",
-              "same_network": True, "use_cpu": False}  # fmt: skip
-    configs = {
-        "fsdp2": {**common, "distributed_type": "FSDP", "fsdp_config": {
-            "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-            "fsdp_reshard_after_forward": True, "fsdp_cpu_ram_efficient_loading": False,
-            "fsdp_activation_checkpointing": False, "fsdp_offload_params": False}},
-        "zero3": {**common, "distributed_type": "DEEPSPEED", "deepspeed_config": {
-            "zero_stage": 3, "zero3_init_flag": False, "zero3_save_16bit_model": True,
-            "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "offload_optimizer_device": "none",
-            "offload_param_device": "none"}},
-    }  # fmt: skip
     paths = {}
-    for name, config in configs.items():
+    for name, shipped in (("fsdp2", "fsdp.yaml"), ("zero3", "deepspeed-zero3.yaml")):
+        config = yaml.safe_load((ROOT / "configs" / "accelerate" / shipped).read_text())
+        config["num_processes"] = 1
         paths[name] = work / f"accelerate_{name}.yaml"
         paths[name].write_text(yaml.safe_dump(config))
     return paths
@@ -624,9 +613,10 @@ def step_dist(args, record: Record) -> None:
 def worker_dist(args) -> None:
     """LoRA on a small Llama through tunesmith's trainer under accelerate (FSDP2 / ZeRO-3 at world size 1).
 
-    phase "full": 4 steps, checkpoints at 2 and 4. phase "resume": a new trainer resumes from checkpoint-2;
-    its adapter right after loading must equal checkpoint-2's file, and after step 4 the full run's
-    checkpoint-4 (same data order, same seed; allowed: 1e-3 relative for GPU reduction order).
+    phase "full": 4 steps; Trainer checkpoints at 2 and 4, and `save_model` (what a user calls) after
+    steps 2 and 4 into adapter-2 / adapter-4. phase "resume": a new trainer resumes from checkpoint-2;
+    its adapter right after loading (saved the same way) must equal adapter-2 exactly, and after step 4
+    the full run's adapter-4 (same data order and seed; up to 1e-3 relative for GPU reduction order).
     """
     import torch
     from peft import LoraConfig
@@ -646,7 +636,7 @@ def worker_dist(args) -> None:
     config = SFTConfig(
         output_dir=str(folder), per_device_train_batch_size=4, max_steps=4, save_steps=2, save_strategy="steps",
         logging_steps=1, report_to="none", seed=0, learning_rate=1e-3, bf16=not args.dry_run,
-        use_cpu=args.dry_run, dataset_cache_dir=False, disable_tqdm=True, save_only_model=False,
+        use_cpu=args.dry_run, dataset_cache_dir=False, disable_tqdm=True,
     )  # fmt: skip
     lora = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
@@ -655,10 +645,15 @@ def worker_dist(args) -> None:
                          peft_config=lora)  # fmt: skip
     result = {"phase": args.phase, "ok": True}
 
-    def adapter_state() -> dict:
-        # the adapter as the trainer would save it (gathered from the shards)
-        trainer.save_model(str(folder / f"probe_{args.phase}"))
-        return load_file(str(folder / f"probe_{args.phase}" / "adapter_model.safetensors"))
+    def saved_adapter(name: str) -> dict:
+        # the adapter as a user saves it (gathered from the shards by save_model)
+        trainer.save_model(str(folder / name))
+        files = sorted(p.name for p in (folder / name).iterdir())
+        if "adapter_model.safetensors" not in files:
+            raise FileNotFoundError(
+                f"save_model wrote no adapter_model.safetensors in {folder / name}: {files}"
+            )
+        return load_file(str(folder / name / "adapter_model.safetensors"))
 
     def max_relative_diff(a: dict, b: dict) -> float:
         assert a.keys() == b.keys(), (sorted(a)[:3], sorted(b)[:3])
@@ -666,31 +661,39 @@ def worker_dist(args) -> None:
             ((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp_min(1e-12)).item() for k in a
         )
 
+    class SaveAt(TrainerCallback):
+        def __init__(self, steps: tuple[int, ...], prefix: str):
+            self.steps, self.prefix = steps, prefix
+
+        def on_train_begin(self, a, state, control, **kw):
+            if 0 in self.steps or (self.prefix == "resumed" and state.global_step in self.steps):
+                saved_adapter(f"{self.prefix}-{state.global_step}")
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step in self.steps:
+                saved_adapter(f"{self.prefix}-{state.global_step}")
+
     if args.phase == "full":
+        trainer.add_callback(SaveAt((2, 4), "adapter"))
         trainer.train()
         result["checkpoints"] = sorted(p.name for p in folder.glob("checkpoint-*"))
         result["ok"] = result["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
     else:
-        saved2 = load_file(str(folder / "checkpoint-2" / "adapter_model.safetensors"))
-        saved4 = load_file(str(folder / "checkpoint-4" / "adapter_model.safetensors"))
-        loaded = {}
-
-        class AfterLoad(TrainerCallback):
-            def on_train_begin(self, a, state, control, **kw):
-                loaded.update(adapter_state())
-
-        trainer.add_callback(AfterLoad())
+        trainer.add_callback(SaveAt((2, 4), "resumed"))
         trainer.train(resume_from_checkpoint=str(folder / "checkpoint-2"))
-        final = adapter_state()
-        result["resumed_vs_saved_checkpoint_2"] = max_relative_diff(loaded, saved2) if loaded else None
-        result["final_vs_uninterrupted_checkpoint_4"] = max_relative_diff(final, saved4)
-        result["ok"] = (
-            bool(loaded)
-            and result["resumed_vs_saved_checkpoint_2"] == 0.0
-            and (result["final_vs_uninterrupted_checkpoint_4"] <= 1e-3)
-        )
-        if not loaded:
-            result["why"] = "the adapter could not be read at the start of the resumed run"
+        saved = {
+            step: load_file(str(folder / f"adapter-{step}" / "adapter_model.safetensors")) for step in (2, 4)
+        }
+        resumed = {step: load_file(str(folder / f"resumed-{step}" / "adapter_model.safetensors"))
+                   for step in (2, 4) if (folder / f"resumed-{step}").exists()}  # fmt: skip
+        if 2 not in resumed:
+            result.update(ok=False, why="the resumed run did not start at step 2")
+        else:
+            result["resumed_vs_saved_step_2"] = max_relative_diff(resumed[2], saved[2])
+            result["final_vs_uninterrupted_step_4"] = max_relative_diff(resumed[4], saved[4])
+            result["ok"] = (
+                result["resumed_vs_saved_step_2"] == 0.0 and result["final_vs_uninterrupted_step_4"] <= 1e-3
+            )
     Path(args.out).write_text(json.dumps(result))
 
 
