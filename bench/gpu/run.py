@@ -384,8 +384,12 @@ def step_e2e(args, record: Record, quant: str) -> None:
                 result["mfu"] = result["tokens_per_s"] * fpt / (peak * 1e12)
             runs[contender].append(result)
     summary = _summarise(runs)
+    # the training runs' own kernel checks (the shapes and dtypes they met): any that fell back
+    fell_back = sorted({f"{c['op']} {c['shape_class']}: {c['error']}" for results in runs.values()
+                        for r in results for c in r.get("kernel_checks", []) if not c["passed"]})  # fmt: skip
     status = "passed" if summary and not failures else ("failed" if not summary else "partial")
     record.step(name, status, time.perf_counter() - start, summary=summary, failures=failures, skipped=skipped,
+                fell_back=fell_back,
                 matmul_peak_tflops=peak, flops_per_token=fpt, loss_agreement=_loss_agreement(runs), runs=runs,
                 targets=_targets(summary) if quant == "none" and not args.dry_run else None)  # fmt: skip
 
@@ -706,7 +710,7 @@ def summary_text(data: dict) -> str:
         lines.append(
             f"  {name:7s} {step['status']:8s} {step['seconds']:6.0f} s  {step.get('why') or ''}".rstrip()
         )
-        if name == "doctor" and step.get("fell_back"):
+        if step.get("fell_back"):
             lines += [f"          fell back: {f}" for f in step["fell_back"]]
         if name == "tests" and "tests" in step:
             lines.append(f"          {step['tests']} tests, {step['failures']} failed, {step['errors']} errors, "
@@ -718,6 +722,15 @@ def summary_text(data: dict) -> str:
             mem = f", memory {s['memory_x_trl_default']:.2f}x" if "memory_x_trl_default" in s else ""
             lines.append(f"          {contender}: {s['tokens_per_s']:.0f} tok/s, peak {s['peak_allocated_gb']:.1f} GB"
                          f"{mfu}{rel}{mem} ({s['runs']} runs)")  # fmt: skip
+        for contender, agree in (step.get("loss_agreement") or {}).items():
+            if agree.get("first") is None:
+                continue
+            vs = (
+                f", mean |loss - TRL default's| {agree['mean_abs_diff']:.4f} over {agree['steps']} steps"
+                if "steps" in agree
+                else ""
+            )
+            lines.append(f"          {contender} loss {agree['first']:.4f} -> {agree['last']:.4f}{vs}")
         for key, t in (step.get("targets") or {}).items():
             lines.append(
                 f"          target {key}: {t['value']} (target {t['target']}): {'met' if t['met'] else 'NOT met'}"
