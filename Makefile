@@ -48,5 +48,11 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/run_all.py
 
+# The prepared first GPU run (bench/README.md) needs a GPU machine: `bash bench/gpu/device.sh` there.
+# Here, every step's code on the CPU at toy sizes:
+.PHONY: bench-gpu-dry-run
+bench-gpu-dry-run: $(STAMP)
+	$(BIN)/python bench/gpu/run.py --dry-run
+
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache build *.egg-info src/*.egg-info

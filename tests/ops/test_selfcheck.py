@@ -189,6 +189,40 @@ def test_a_good_kernel_passes_and_then_runs(cpu_is_a_kernel_device, monkeypatch)
     torch.testing.assert_close(y, rms_norm(x, w, 1e-6, impl="triton"), atol=0, rtol=0)
 
 
+def _in_checkpoint(fn, x, w):
+    return torch.utils.checkpoint.checkpoint(fn, x, w, use_reentrant=False)
+
+
+def _under(context):
+    def run(fn, x, w):
+        with context():
+            return fn(x, w)
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "where",
+    [_in_checkpoint, _under(torch.autograd.graph.save_on_cpu), _under(torch.no_grad)],
+    ids=["activation checkpointing", "saved tensors offloaded", "no_grad (eval)"],
+)
+def test_the_first_call_may_come_from_inside_checkpointing_offload_or_no_grad(cpu_is_a_kernel_device, where):
+    # The check must pass wherever the model first calls the op, and leave the caller's region as it
+    # found it: run under checkpointing's saved-tensor hooks, it once saved extra tensors and the
+    # backward failed ("A different number of tensors was saved during the original forward and
+    # recomputation"). It runs in its own thread, without the caller's thread-local autograd state.
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 40, requires_grad=True), torch.randn(40, requires_grad=True)
+    y = where(lambda x, w: rms_norm(x, w, 1e-6), x, w)
+    assert [(r.op, r.passed, r.error) for r in selfcheck.results()] == [("rms_norm", True, None)]
+    torch.testing.assert_close(y, rms_norm_reference(x, w, 1e-6), atol=1e-5, rtol=1e-5)
+    if y.requires_grad:
+        y.sum().backward()  # the checkpoint recomputes: the same tensors are saved again
+        expected = torch.autograd.grad(rms_norm_reference(x, w, 1e-6).sum(), (x, w))
+        torch.testing.assert_close(x.grad, expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(w.grad, expected[1], atol=1e-5, rtol=1e-4)
+
+
 def test_tunesmith_kernels_off_runs_no_kernel_and_no_check(cpu_is_a_kernel_device, monkeypatch):
     calls: list = []
     _break(monkeypatch, rms_module, "raises", calls, 2)
@@ -236,18 +270,22 @@ def _train(tmp_path, name, **overrides):
     return losses, weights
 
 
-@pytest.mark.parametrize("how", ["wrong", "raises"])
+@pytest.mark.parametrize(
+    "how,memory",
+    [("wrong", {}), ("raises", {}), ("wrong", {"gradient_checkpointing": True})],
+    ids=["wrong", "raises", "wrong-checkpointed"],
+)
 def test_training_with_every_kernel_broken_equals_the_pytorch_run(
-    cpu_is_a_kernel_device, monkeypatch, caplog, tmp_path, how
+    cpu_is_a_kernel_device, monkeypatch, caplog, tmp_path, how, memory
 ):
     # the reference run: triton_kernels=False, the PyTorch versions of every op
-    reference_losses, reference_weights = _train(tmp_path, "reference", triton_kernels=False)
+    reference_losses, reference_weights = _train(tmp_path, "reference", triton_kernels=False, **memory)
     assert selfcheck.results() == []  # nothing checked: no kernel may run
     calls: list = []
     for module, out in _OUTPUT_ARG.items():
         _break(monkeypatch, module, how, calls, out)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        losses, weights = _train(tmp_path, "broken")
+        losses, weights = _train(tmp_path, "broken", **memory)
     # every op was checked (the kernels ran in the checks only), every one failed and fell back
     assert {r.op for r in selfcheck.results()} == {"rms_norm", "glu", "apply_rope", "linear_cross_entropy"}
     assert not any(r.passed for r in selfcheck.results())
@@ -271,3 +309,14 @@ def test_training_with_one_wrong_kernel_keeps_the_others(cpu_is_a_kernel_device,
     assert len(calls) == 1  # the glu kernel launched once, in its check (forward; backward not corrupted)
     # the other kernels ran in training: fp32 kernels round differently from PyTorch (~1e-6 relative)
     assert losses == pytest.approx(reference_losses, rel=1e-4)
+
+
+def test_triton_kernels_is_a_config_key_in_the_kernels_section(tmp_path):
+    from tunesmith.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: out\nkernels: {triton_kernels: off}\n")  # YAML reads `off` as false
+    assert load_config(path).triton_kernels is False
+    assert load_config(None, ["triton_kernels=false"]).triton_kernels is False
+    cfg = load_config(None)
+    assert cfg.triton_kernels is True and cfg.to_yaml_dict()["kernels"]["triton_kernels"] is True
