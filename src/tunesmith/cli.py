@@ -144,7 +144,9 @@ def cmd_train(args) -> int:
         # `tunesmith train lora.r=8`: no config file, only overrides of the quick start
         args.overrides, args.config = [args.config, *args.overrides], None
     config, data, raw = read_run_config(args.config, args.overrides)
-    if data.train in (None, QUICKSTART_DATA):
+    if config.datasets and data.train is not None:
+        raise UsageError(f"{args.config}: give either `dataset` or `datasets` (several sources), not both")
+    if data.train in (None, QUICKSTART_DATA) and not config.datasets:
         if args.config is not None and data.train is None:
             raise UsageError(
                 f"{args.config}: no `dataset` section; add `dataset: {{train: path/to/data.jsonl}}`"
@@ -166,7 +168,7 @@ def cmd_train(args) -> int:
     trainer = SFTTrainer(
         model,
         args=config,
-        train_dataset=_load_source(data.train, data.split),
+        train_dataset=_load_source(data.train, data.split) if data.train else None,
         eval_dataset=_load_source(data.eval, data.eval_split) if data.eval else None,
         callbacks=[MetricsCallback(), ProgressLineCallback()],
     )
@@ -174,6 +176,8 @@ def cmd_train(args) -> int:
     trainer.save_model()
     final = {k: v for r in trainer.state.log_history for k, v in r.items() if k in ("loss", "eval_loss")}
     notes = [f"final {k}: {v:.4f}" for k, v in final.items()] + [f"data: {data.train}", f"model: {model}"]
+    if trainer.mixture_stats is not None:  # several sources: the data line per source
+        notes[-2] = "data:\n\n```\n" + trainer.mixture_stats.summary() + "\n```\n"
     write_report(config.output_dir, title=f"tunesmith run: {Path(config.output_dir).name}", notes=notes)
     print(f"done: model and report in {config.output_dir}")
     return 0
@@ -200,6 +204,19 @@ def _tokenizer_for(config):
 
 def cmd_preprocess(args) -> int:
     config, data, _ = read_run_config(args.config, args.overrides)
+    if config.datasets:
+        from tunesmith.data.mixture import prepare_mixture
+        from tunesmith.data.pipeline import prepare_dataset
+        from tunesmith.trainer import pipeline_kwargs
+
+        kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
+        mixture = prepare_mixture(
+            config.datasets, _tokenizer_for(config), eval_packing=config.eval_packing, **kwargs
+        )
+        print(f"[train]\n{mixture.stats.summary()}")
+        for name, rows in mixture.eval_datasets.items():
+            print(f"[eval_{name}] {len(rows)} rows")
+        return 0
     if data.train in (None, QUICKSTART_DATA):
         raise UsageError(f"{args.config}: preprocess needs `dataset.train` (a file, folder or Hub name)")
     tokenizer = _tokenizer_for(config)

@@ -235,6 +235,15 @@ class SFTConfig(TrainingArguments):
         default=None,
         metadata=_help("Extra dataset-preparation options; `skip_prepare_dataset: true` (TRL).", "data"),
     )
+    datasets: list[Any] | dict[str, Any] | None = field(
+        default=None,
+        metadata=_help(
+            "Several training sources mixed by weight, each {path, name, split, format, columns, system_prompt, "
+            "weight | fraction | max_examples, eval | eval_split | eval_examples} (tunesmith.data.mixture); used "
+            "instead of a single train dataset. Eval sets per source log eval_<name>_loss.",
+            "data",
+        ),
+    )
     dataset_num_proc: int | None = field(default=None, metadata=_help("Processes for tokenization.", "data"))
     dataset_cache_dir: str | bool | None = field(
         default=None,

@@ -119,6 +119,9 @@ class SFTTrainer(Trainer):
             train_dataset, eval_dataset = _prepare_datasets(
                 train_dataset, eval_dataset, processing_class, args, formatting_func
             )
+        self.mixture_stats = getattr(
+            train_dataset, "mixture_stats", None
+        )  # several sources: per-source lines
         # evaluate(eval_dataset=raw) prepares it as the constructor's eval_dataset
         self._formatting_func, self._skip_prepare = formatting_func, skip_prepare
         if data_collator is None:
@@ -677,7 +680,7 @@ def _warn_if_16bit_full_finetune(model, args: SFTConfig) -> None:
 
 def _check_before_work(args: SFTConfig, train_dataset, formatting_func) -> None:
     """The settings TRL refuses when the trainer is built, refused here too, before anything loads."""
-    if train_dataset is None:
+    if train_dataset is None and not args.datasets:
         raise ValueError(
             "SFTTrainer: `train_dataset` is required (got None). Pass train_dataset=... (a datasets.Dataset, a "
             "list of dicts, a file or folder path, or a Hub dataset name); to only evaluate, pass the eval data "
@@ -792,8 +795,40 @@ def _prepare_tokenizer(tokenizer, model, args: SFTConfig):
 
 def _prepare_datasets(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func):
     """Both splits through `prepare_dataset`; the eval split packed as `eval_packing` says."""
+    from tunesmith.data.mixture import is_mixture
+
+    if args.datasets or is_mixture(train_dataset):
+        return _prepare_mixture(train_dataset, eval_dataset, tokenizer, args, formatting_func)
     train_dataset = _prepare(train_dataset, tokenizer, args, formatting_func, args.packing, "train")
     return train_dataset, _prepare_eval(eval_dataset, tokenizer, args, formatting_func)
+
+
+def _prepare_mixture(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func):
+    """Several sources (`args.datasets`, or a dict / DatasetSource list as train_dataset) mixed by weight
+    (`data.mixture`); their eval sets become a dict {source name: rows}, so metrics are eval_<name>_loss. A
+    given eval_dataset joins them (a single one under the name "main")."""
+    from tunesmith.data.mixture import prepare_mixture
+    from tunesmith.data.pipeline import prepare_dataset
+
+    if args.datasets and train_dataset is not None:
+        raise ValueError(
+            "SFTTrainer: both `datasets` (in the config) and train_dataset are given; pass the sources one way"
+        )
+    kwargs = pipeline_kwargs(prepare_dataset, args, formatting_func, args.packing)
+    mixture = prepare_mixture(
+        args.datasets or train_dataset, tokenizer, eval_packing=args.eval_packing, **kwargs
+    )
+    train = mixture.dataset.add_column("example_index", list(range(len(mixture.dataset))))
+    evals = dict(mixture.eval_datasets)
+    given = (
+        _prepare_eval(eval_dataset, tokenizer, args, formatting_func) if eval_dataset is not None else None
+    )
+    if isinstance(given, dict):
+        evals.update(given)
+    elif given is not None:
+        evals["main"] = given
+    train.mixture_stats = mixture.stats  # read by SFTTrainer.__init__ (the report's per-source lines)
+    return train, (evals or None)
 
 
 def _prepare_eval(eval_dataset, tokenizer, args: SFTConfig, formatting_func):
