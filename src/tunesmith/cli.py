@@ -178,9 +178,28 @@ def cmd_train(args) -> int:
     notes = [f"final {k}: {v:.4f}" for k, v in final.items()] + [f"data: {data.train}", f"model: {model}"]
     if trainer.mixture_stats is not None:  # several sources: the data line per source
         notes[-2] = "data:\n\n```\n" + trainer.mixture_stats.summary() + "\n```\n"
-    write_report(config.output_dir, title=f"tunesmith run: {Path(config.output_dir).name}", notes=notes)
+    write_report(
+        config.output_dir,
+        title=f"tunesmith run: {Path(config.output_dir).name}",
+        notes=notes,
+        sections=_evaluation_sections(trainer),
+    )
     print(f"done: model and report in {config.output_dir}")
     return 0
+
+
+def _evaluation_sections(trainer) -> list[str]:
+    """report.md's evaluation part: the last eval metrics per eval set, the best checkpoint, generations."""
+    from tunesmith.evaluation import report_sections
+
+    state, args = trainer.state, trainer.args
+    return report_sections(
+        state.log_history,
+        samples=trainer.generation_eval.samples if trainer.generation_eval is not None else (),
+        best_checkpoint=state.best_model_checkpoint,
+        best_metric=state.best_metric,
+        metric_name=args.metric_for_best_model,
+    )
 
 
 def _prepare(config, source, split, tokenizer):
@@ -189,6 +208,15 @@ def _prepare(config, source, split, tokenizer):
 
     kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
     return prepare_dataset(_load_source(source, split), tokenizer, **kwargs)
+
+
+def _prepare_mixture(config, tokenizer):
+    from tunesmith.data.mixture import prepare_mixture
+    from tunesmith.data.pipeline import prepare_dataset
+    from tunesmith.trainer import pipeline_kwargs
+
+    kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
+    return prepare_mixture(config.datasets, tokenizer, eval_packing=config.eval_packing, **kwargs)
 
 
 def _tokenizer_for(config):
@@ -205,14 +233,7 @@ def _tokenizer_for(config):
 def cmd_preprocess(args) -> int:
     config, data, _ = read_run_config(args.config, args.overrides)
     if config.datasets:
-        from tunesmith.data.mixture import prepare_mixture
-        from tunesmith.data.pipeline import prepare_dataset
-        from tunesmith.trainer import pipeline_kwargs
-
-        kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
-        mixture = prepare_mixture(
-            config.datasets, _tokenizer_for(config), eval_packing=config.eval_packing, **kwargs
-        )
+        mixture = _prepare_mixture(config, _tokenizer_for(config))
         print(f"[train]\n{mixture.stats.summary()}")
         for name, rows in mixture.eval_datasets.items():
             print(f"[eval_{name}] {len(rows)} rows")
@@ -246,7 +267,10 @@ def cmd_inspect(args) -> int:
     if args.model:
         config.model_name_or_path = args.model
     tokenizer = _tokenizer_for(config)
-    prepared = _prepare(config, source, split, tokenizer)
+    if config.datasets and target.suffix in (".yaml", ".yml"):  # several sources: the mixture's rows
+        prepared = _prepare_mixture(config, tokenizer)
+    else:
+        prepared = _prepare(config, source, split, tokenizer)
     color = sys.stdout.isatty() and not args.no_color
     legend = (
         f"{_TRAINED}trained{_RESET} / {_MASKED}masked{_RESET}"
@@ -268,7 +292,7 @@ def cmd_inspect(args) -> int:
             start = end
         print()
     print(prepared.stats.summary())
-    print(format_histogram(prepared.stats.length_histogram))
+    print(format_histogram(getattr(prepared.stats, "length_histogram", {})))
     return 0
 
 

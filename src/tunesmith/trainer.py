@@ -164,6 +164,7 @@ class SFTTrainer(Trainer):
         self._window = _TokenCounters(self.args.device)
         self._window_start = time.perf_counter()
         self._eval_totals: torch.Tensor | None = None
+        self.generation_eval = _generation_evaluator(self, args, skip_prepare)
 
     def train(self, *args, **kwargs):
         # tokens/s counts from the first step, not from the trainer's construction
@@ -278,6 +279,18 @@ class SFTTrainer(Trainer):
                 output.metrics[f"{metric_key_prefix}_entropy"] = entropy / supervised
             output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(eval_loss, 700.0))
             output.metrics[f"{metric_key_prefix}_num_supervised_tokens"] = int(supervised)
+        if (
+            getattr(self, "generation_eval", None) is not None
+        ):  # eval_generation: exact match and chrF of greedy answers
+            output.metrics.update(
+                self.generation_eval.run(
+                    self.model,
+                    self.processing_class,
+                    metric_key_prefix,
+                    self.state.global_step,
+                    output_dir=self.args.output_dir if self.is_world_process_zero() else None,
+                )
+            )
         return output
 
     # ------------------------------------------------------------------ optimizer, logging, saving
@@ -801,6 +814,38 @@ def _prepare_datasets(train_dataset, eval_dataset, tokenizer, args: SFTConfig, f
         return _prepare_mixture(train_dataset, eval_dataset, tokenizer, args, formatting_func)
     train_dataset = _prepare(train_dataset, tokenizer, args, formatting_func, args.packing, "train")
     return train_dataset, _prepare_eval(eval_dataset, tokenizer, args, formatting_func)
+
+
+def _generation_evaluator(trainer, args: SFTConfig, skip_prepare: bool):
+    """eval_generation and early stopping wired in: the evaluator (or None), the final evaluation and the
+    EarlyStoppingCallback; a metric_for_best_model that no evaluation logs is refused here."""
+    from tunesmith.evaluation import (
+        FinalEvaluationCallback,
+        GenerationEvaluator,
+        GenerationSettings,
+        check_best_metric,
+    )
+
+    evaluator = None
+    settings = GenerationSettings.parse(args.eval_generation)
+    if settings is not None:
+        if trainer.eval_dataset is None or skip_prepare:
+            raise ValueError(
+                "eval_generation needs a prepared eval set: pass eval_dataset (or give a source of `datasets` an "
+                "`eval` / `eval_examples`)"
+            )
+        evaluator = GenerationEvaluator.from_eval_datasets(
+            settings, trainer.eval_dataset, trainer.processing_class
+        )
+        trainer.add_callback(FinalEvaluationCallback(evaluator))
+    check_best_metric(args, trainer.eval_dataset, evaluator)
+    if args.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(
+            EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold)
+        )
+    return evaluator
 
 
 def _prepare_mixture(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func):

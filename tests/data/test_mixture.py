@@ -260,3 +260,7 @@ def test_cli_preprocess_prints_a_line_per_source(tmp_path, capsys):
         "c (c.jsonl, prompt_completion): examples 3 in, 3 out, 1 held out for eval; 1 in the mixture" in out
     )
     assert "[eval_c] 1 rows" in out
+    # inspect shows the mixture's rows and its per-source summary
+    assert main(["inspect", str(tmp_path / "run.yaml"), "-n", "1", "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "4 rows; showing 1." in out and "data: mixture of 2 sources, 4 examples" in out
