@@ -193,3 +193,46 @@ def test_generation_metrics_per_named_eval_set_and_per_source_report(tiny):
     ]
     assert rows[0] == "| eval set | loss | mean_token_accuracy | exact_match | chrf |"
     assert [r.split(" | ")[0] for r in rows[2:]] == ["| animals", "| capitals"]
+
+
+def test_cli_train_with_datasets_reports_each_source(tiny, capsys):
+    from tunesmith.cli import main
+
+    other = [
+        {
+            "messages": [
+                {"role": "user", "content": "the quick brown fox"},
+                {"role": "assistant", "content": "dog"},
+            ]
+        }
+    ]
+    for name, rows in (("capitals", ROWS), ("animals", other * 8)):
+        (tiny / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tiny / "run.yaml").write_text(
+        f"""
+output_dir: {tiny / "run"}
+model: {{name_or_path: {tiny / "model"}, dtype: float32}}
+datasets:
+  - {{path: {tiny / "capitals.jsonl"}, weight: 1, eval_examples: 2}}
+  - {{path: {tiny / "animals.jsonl"}, weight: 1, eval_examples: 2}}
+lora: {{r: 8, alpha: 16}}
+data: {{max_length: 64, dataset_cache_dir: false}}
+eval: {{eval_generation: {{num_prompts: 2, max_new_tokens: 4}}}}
+training: {{use_peft: true, learning_rate: 1.0e-2, max_steps: 4, per_device_train_batch_size: 4, logging_steps: 2,
+  save_strategy: "no", report_to: none, use_cpu: true, disable_tqdm: true, seed: 0}}
+"""
+    )
+    assert main(["train", str(tiny / "run.yaml")]) == 0, capsys.readouterr().err
+    report = (tiny / "run" / "report.md").read_text()
+    # the data summary has a line per source (14 + 6 examples after the held-out ones: 10 each at equal weights)
+    assert (
+        "capitals (capitals.jsonl, messages): examples 16 in, 16 out, 2 held out for eval; 10 in the mixture"
+        in report
+    )
+    assert (
+        "animals (animals.jsonl, messages): examples 8 in, 8 out, 2 held out for eval; 10 in the mixture"
+        in report
+    )
+    rows = [line.split(" | ")[0] for line in report.splitlines() if line.startswith("| ")]
+    assert "| animals" in rows and "| capitals" in rows  # the evaluation table: one row per source
+    assert "## Generations at step 4" in report
