@@ -246,6 +246,12 @@ def prepare_dataset(
     stats.format = _detect(dataset, options)
     check_loss_format(stats.format, assistant_only_loss, stats.source, dataset.column_names)
     table = _tokenize_dataset(dataset, tokenizer, stats.format, options, dataset_num_proc)
+    if len(table) > stats.examples_in:
+        logger.info(
+            "%s: %d examples from %d rows: train_on_reasoning=all and the chat template drops the reasoning of "
+            "earlier turns, so each such turn is also trained as the last turn of an example of its own",
+            stats.source, len(table), stats.examples_in,
+        )  # fmt: skip
     table = _truncate_and_pack(table, stats, settings)
     if len(table) == 0:
         raise ValueError(
@@ -418,14 +424,32 @@ def _tokenize_batch(batch: dict, indices: list[int], *, fmt: str, tokenizer, opt
     columns = list(batch)
     for j, index in enumerate(indices):
         example = {column: batch[column][j] for column in columns}
-        ids, example_labels = _tokenize_one(example, index, fmt, tokenizer, options)
-        input_ids.append(ids)
-        labels.append(example_labels)
+        for ids, example_labels in _tokenize_rows(example, index, fmt, tokenizer, options):
+            input_ids.append(ids)
+            labels.append(example_labels)
     return {"input_ids": input_ids, "labels": labels}
 
 
 def _tokenize_one(example: dict, index: int, fmt: str, tokenizer, options: dict) -> tuple[list, list]:
-    """One source row -> (input_ids, labels): normalise, then tokenize; pre-tokenized rows pass through."""
+    """One source row -> (input_ids, labels): normalise, then tokenize; pre-tokenized rows pass through.
+    (Streaming keeps one example per row: a conversation's extra per-turn examples are not made there.)"""
+    rows = _tokenize_rows(example, index, fmt, tokenizer, options)
+    if len(rows) > 1 and "stream-extra" not in _NOTED:
+        _NOTED.add("stream-extra")
+        logger.warning(
+            "streaming: train_on_reasoning=all would also train each earlier turn whose reasoning the template "
+            "drops as an example of its own; a stream keeps one example per row, so those turns train their "
+            "answers only"
+        )
+    return rows[0]
+
+
+_NOTED: set[str] = set()
+
+
+def _tokenize_rows(example: dict, index: int, fmt: str, tokenizer, options: dict) -> list[tuple[list, list]]:
+    """One source row -> [(input_ids, labels), ...]: one example, plus, with train_on_reasoning=all on a
+    template that drops past reasoning, one per earlier turn whose reasoning it dropped (tokenize.py)."""
     normalized = normalize_example(
         example,
         fmt,
@@ -443,7 +467,8 @@ def _tokenize_one(example: dict, index: int, fmt: str, tokenizer, options: dict)
         if k not in ("dataset_text_field", "formatting_func", "system_prompt")
     }
     out = tokenize_example(normalized, tokenizer, index=index, **kwargs)
-    return out["input_ids"], out["labels"]
+    extra = [(e["input_ids"], e["labels"]) for e in out.get("extra_examples", ())]
+    return [(out["input_ids"], out["labels"]), *extra]
 
 
 def _truncate_and_pack(table: pa.Table, stats: DataStats, settings: dict) -> pa.Table:
