@@ -151,6 +151,7 @@ def test_check_best_metric_accepts_generation_metrics_only_when_they_are_compute
                            eval_strategy="steps", eval_steps=10)  # fmt: skip
     with pytest.raises(ValueError, match="no evaluation logs 'eval_exact_match'"):
         check_best_metric(args, [1], None)
+    check_best_metric(args, [1], None, compute_metrics=lambda p: {"exact_match": 1.0})  # its own metric names
     evaluator = GenerationEvaluator(GenerationSettings(steps=10), {"eval": []})
     check_best_metric(args, [1], evaluator)  # computed at every evaluation
     evaluator = GenerationEvaluator(GenerationSettings(steps=20), {"eval": []})

@@ -263,9 +263,12 @@ def _fmt(column: str, value) -> str:
 # --------------------------------------------------------------------------- trainer hooks
 
 
-def check_best_metric(args, eval_dataset, generation: GenerationEvaluator | None) -> None:
+def check_best_metric(
+    args, eval_dataset, generation: GenerationEvaluator | None, compute_metrics=None
+) -> None:
     """Early stopping / the best checkpoint read `metric_for_best_model` from every evaluation: refuse one
-    that no evaluation logs (e.g. the default eval_loss when the eval sets are named, eval_<name>_loss)."""
+    that no evaluation logs (e.g. the default eval_loss when the eval sets are named, eval_<name>_loss).
+    With a `compute_metrics` its names are not known beforehand, so only the generation rule is checked."""
     if not args.load_best_model_at_end or eval_dataset is None:
         return
     metric = args.metric_for_best_model or "loss"
@@ -278,7 +281,7 @@ def check_best_metric(args, eval_dataset, generation: GenerationEvaluator | None
     available = [f"{p}_{m}" for p in prefixes for m in every]
     if generation is not None:
         available += [f"{p}_{m}" for p in generation.sets for m in METRICS]
-    if key in available:
+    if key in available or compute_metrics is not None:
         if generation is not None and key.endswith(METRICS) and generation.settings.steps is not None:
             eval_steps = args.eval_steps
             if args.eval_strategy != "steps" or not eval_steps or generation.settings.steps != eval_steps:

@@ -838,7 +838,7 @@ def _generation_evaluator(trainer, args: SFTConfig, skip_prepare: bool):
             settings, trainer.eval_dataset, trainer.processing_class
         )
         trainer.add_callback(FinalEvaluationCallback(evaluator))
-    check_best_metric(args, trainer.eval_dataset, evaluator)
+    check_best_metric(args, trainer.eval_dataset, evaluator, trainer.compute_metrics)
     if args.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
