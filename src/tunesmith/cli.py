@@ -145,7 +145,9 @@ def cmd_train(args) -> int:
         # `tunesmith train lora.r=8`: no config file, only overrides of the quick start
         args.overrides, args.config = [args.config, *args.overrides], None
     config, data, raw = read_run_config(args.config, args.overrides)
-    if data.train in (None, QUICKSTART_DATA):
+    if config.datasets and data.train is not None:
+        raise UsageError(f"{args.config}: give either `dataset` or `datasets` (several sources), not both")
+    if data.train in (None, QUICKSTART_DATA) and not config.datasets:
         if args.config is not None and data.train is None:
             raise UsageError(
                 f"{args.config}: no `dataset` section; add `dataset: {{train: path/to/data.jsonl}}`"
@@ -172,23 +174,31 @@ def cmd_train(args) -> int:
     trainer = SFTTrainer(
         model,
         args=config,
-        train_dataset=_load_source(data.train, data.split),
+        train_dataset=_load_source(data.train, data.split) if data.train else None,
         eval_dataset=_load_source(data.eval, data.eval_split) if data.eval else None,
         callbacks=[MetricsCallback(), ProgressLineCallback()],
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     final = {k: v for r in trainer.state.log_history for k, v in r.items() if k in ("loss", "eval_loss")}
     notes = [f"final {k}: {v:.4f}" for k, v in final.items()] + [f"data: {data.train}", f"model: {model}"]
+    if trainer.mixture_stats is not None:  # several sources: the data line per source
+        notes[-2] = "data:\n\n```\n" + trainer.mixture_stats.summary() + "\n```\n"
     title = f"tunesmith run: {Path(config.output_dir).name}"
+    sections = _evaluation_sections(trainer)
     if trainer.stopped_by:
         # not finished: no final model in output_dir (the checkpoint holds it), a report that says so
         stop = TrainingStopped(
             trainer.stopped_by, trainer.state.global_step, trainer.state.max_steps, _resume_command(args)
         )
-        write_report(config.output_dir, title=f"{title} (STOPPED EARLY)", notes=[f"**{stop}**", *notes])
+        write_report(
+            config.output_dir,
+            title=f"{title} (STOPPED EARLY)",
+            notes=[f"**{stop}**", *notes],
+            sections=sections,
+        )
         raise stop
     trainer.save_model()
-    write_report(config.output_dir, title=title, notes=notes)
+    write_report(config.output_dir, title=title, notes=notes, sections=sections)
     print(f"done: model and report in {config.output_dir}")
     return 0
 
@@ -202,12 +212,35 @@ def _resume_command(args) -> str:
     return shlex.join([*words, "resume_from_checkpoint=true"])
 
 
+def _evaluation_sections(trainer) -> list[str]:
+    """report.md's evaluation part: the last eval metrics per eval set, the best checkpoint, generations."""
+    from tunesmith.evaluation import report_sections
+
+    state, args = trainer.state, trainer.args
+    return report_sections(
+        state.log_history,
+        samples=trainer.generation_eval.samples if trainer.generation_eval is not None else (),
+        best_checkpoint=state.best_model_checkpoint,
+        best_metric=state.best_metric,
+        metric_name=args.metric_for_best_model,
+    )
+
+
 def _prepare(config, source, split, tokenizer):
     from tunesmith.data.pipeline import prepare_dataset
     from tunesmith.trainer import pipeline_kwargs
 
     kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
     return prepare_dataset(_load_source(source, split), tokenizer, **kwargs)
+
+
+def _prepare_mixture(config, tokenizer):
+    from tunesmith.data.mixture import prepare_mixture
+    from tunesmith.data.pipeline import prepare_dataset
+    from tunesmith.trainer import pipeline_kwargs
+
+    kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
+    return prepare_mixture(config.datasets, tokenizer, eval_packing=config.eval_packing, **kwargs)
 
 
 def _tokenizer_for(config):
@@ -223,6 +256,12 @@ def _tokenizer_for(config):
 
 def cmd_preprocess(args) -> int:
     config, data, _ = read_run_config(args.config, args.overrides)
+    if config.datasets:
+        mixture = _prepare_mixture(config, _tokenizer_for(config))
+        print(f"[train]\n{mixture.stats.summary()}")
+        for name, rows in mixture.eval_datasets.items():
+            print(f"[eval_{name}] {len(rows)} rows")
+        return 0
     if data.train in (None, QUICKSTART_DATA):
         raise UsageError(f"{args.config}: preprocess needs `dataset.train` (a file, folder or Hub name)")
     tokenizer = _tokenizer_for(config)
@@ -252,7 +291,10 @@ def cmd_inspect(args) -> int:
     if args.model:
         config.model_name_or_path = args.model
     tokenizer = _tokenizer_for(config)
-    prepared = _prepare(config, source, split, tokenizer)
+    if config.datasets and target.suffix in (".yaml", ".yml"):  # several sources: the mixture's rows
+        prepared = _prepare_mixture(config, tokenizer)
+    else:
+        prepared = _prepare(config, source, split, tokenizer)
     color = sys.stdout.isatty() and not args.no_color
     legend = (
         f"{_TRAINED}trained{_RESET} / {_MASKED}masked{_RESET}"
@@ -274,7 +316,7 @@ def cmd_inspect(args) -> int:
             start = end
         print()
     print(prepared.stats.summary())
-    print(format_histogram(prepared.stats.length_histogram))
+    print(format_histogram(getattr(prepared.stats, "length_histogram", {})))
     return 0
 
 

@@ -254,6 +254,15 @@ class SFTConfig(TrainingArguments):
         default=None,
         metadata=_help("Extra dataset-preparation options; `skip_prepare_dataset: true` (TRL).", "data"),
     )
+    datasets: list[Any] | dict[str, Any] | None = field(
+        default=None,
+        metadata=_help(
+            "Several training sources mixed by weight, each {path, name, split, format, columns, system_prompt, "
+            "weight | fraction | max_examples, eval | eval_split | eval_examples} (tunesmith.data.mixture); used "
+            "instead of a single train dataset. Eval sets per source log eval_<name>_loss.",
+            "data",
+        ),
+    )
     dataset_num_proc: int | None = field(default=None, metadata=_help("Processes for tokenization.", "data"))
     dataset_cache_dir: str | bool | None = field(
         default=None,
@@ -415,8 +424,31 @@ class SFTConfig(TrainingArguments):
     sample_max_new_tokens: int = field(
         default=64, metadata=_help("Tokens to generate per sample prompt.", "eval")
     )
+    eval_generation: dict[str, Any] | bool | None = field(
+        default=None,
+        metadata=_help(
+            "Greedy generation on held-out prompts of the eval set(s), scored by exact match and chrF "
+            "(eval_exact_match, eval_chrf; eval_<name>_... per eval set): true, or {steps: N (every N steps; "
+            "default every evaluation), num_prompts: K (16), max_new_tokens: 64}. Also runs at the last step.",
+            "eval",
+        ),
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata=_help(
+            "Stop after this many evaluations without improvement of metric_for_best_model (any eval metric, "
+            "generation ones included; default eval_loss); turns on load_best_model_at_end, so the best "
+            "checkpoint is kept and loaded at the end.",
+            "eval",
+        ),
+    )
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata=_help("How much metric_for_best_model must improve to count as an improvement.", "eval"),
+    )
 
     def __post_init__(self):
+        self._evaluation_settings()
         if self.max_seq_length is not None:
             deprecation_notice(
                 "SFTConfig.max_seq_length",
@@ -443,6 +475,58 @@ class SFTConfig(TrainingArguments):
         _check_choice("memory_policy", self.memory_policy, ("auto", "none", "checkpoint", "offload"))
         _check_choice("model_quantization", self.model_quantization, (None, "4bit", "8bit"))
         super().__post_init__()
+
+    def _evaluation_settings(self) -> None:
+        """eval_generation and early stopping need evaluations (and saved checkpoints) to act on; turn on
+        what they need, with a notice, or say what to set."""
+        from tunesmith.evaluation import GenerationSettings
+
+        try:
+            generation = GenerationSettings.parse(self.eval_generation)
+        except ValueError as err:
+            raise ConfigError(f"SFTConfig: {err}") from None
+        strategy = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+        if generation is not None and generation.steps and strategy == "no":
+            notice_once(
+                "eval_generation.steps",
+                f"eval_generation.steps={generation.steps}: evaluating every {generation.steps} steps "
+                "(eval_strategy=steps); the generation metrics are computed inside the evaluation",
+            )
+            self.eval_strategy, self.eval_steps, strategy = "steps", generation.steps, "steps"
+        patience = self.early_stopping_patience
+        if patience is None:
+            return
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+            raise ConfigError(f"SFTConfig: `early_stopping_patience` expects an int >= 1, got {patience!r}")
+        if strategy == "no":
+            raise ConfigError(
+                "SFTConfig: early_stopping_patience needs evaluations to compare: set eval_strategy: steps and "
+                "eval_steps: N (or eval_generation.steps: N), and an eval set"
+            )
+        if not self.load_best_model_at_end:
+            notice_once(
+                "early_stopping.best",
+                "early_stopping_patience: load_best_model_at_end is turned on, so the best checkpoint is kept "
+                "and loaded when training ends",
+            )
+            self.load_best_model_at_end = True
+        save = str(getattr(self.save_strategy, "value", self.save_strategy))
+        save_steps_default = self.save_steps == TrainingArguments.save_steps or save != strategy
+        if save != strategy:
+            notice_once(
+                "early_stopping.save",
+                f"early_stopping_patience: save_strategy={save!r} becomes {strategy!r} (a checkpoint at every "
+                "evaluation, so the best one exists)",
+            )
+            self.save_strategy = strategy
+        eval_steps = self.eval_steps or self.logging_steps
+        if strategy == "steps" and eval_steps and (self.save_steps % eval_steps or save_steps_default):
+            notice_once(
+                "early_stopping.save_steps",
+                f"early_stopping_patience: save_steps={self.save_steps} becomes eval_steps={eval_steps} (a "
+                "checkpoint at every evaluation, so the best one is saved when it is evaluated)",
+            )
+            self.save_steps = eval_steps
 
     def _kernels_from_peer_spellings(self) -> None:
         """TRL's kernel switches mean tunesmith's own kernels: `use_liger_kernel=True` (TRL ≤ 1.15, a

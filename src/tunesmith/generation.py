@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["generate", "chat_prompt_ids", "stop_token_ids"]
+__all__ = ["generate", "generate_from_ids", "chat_prompt_ids", "stop_token_ids"]
 
 
 def generate(
@@ -39,6 +39,8 @@ def generate(
         for item in items:
             if isinstance(item, str):
                 input_ids = tokenizer(item, return_tensors="pt").input_ids
+            elif torch.is_tensor(item):  # token ids, already rendered (generate_from_ids)
+                input_ids = item.reshape(1, -1)
             else:
                 input_ids = chat_prompt_ids(tokenizer, item, chat_template_kwargs)
             input_ids = input_ids.to(device)
@@ -57,6 +59,18 @@ def generate(
     finally:
         model.train(was_training)
     return outputs
+
+
+def generate_from_ids(model, tokenizer, prompt_ids, max_new_tokens: int = 128, **kwargs) -> list[str]:
+    """`generate` from prompts given as token id lists (rendered already, e.g. the prompt part of a
+    prepared eval document), greedy unless `do_sample=True`."""
+    return generate(
+        model,
+        tokenizer,
+        [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids],
+        max_new_tokens,
+        **kwargs,
+    )
 
 
 def chat_prompt_ids(tokenizer, messages, chat_template_kwargs: dict | None = None) -> torch.Tensor:

@@ -118,6 +118,13 @@ QUICKSTART_CONFIG = {
         "seed": 0,
         "report_to": "none",
     },
+    # exact match and chrF of greedy answers on 10 held-out dates at steps 0, 40, 80 and 120: the
+    # generation metric moving during training (eval_exact_match in metrics.jsonl, exact_match.png)
+    "eval": {
+        "eval_generation": {"steps": 40, "num_prompts": 10, "max_new_tokens": 14},
+        "eval_on_start": True,
+        "per_device_eval_batch_size": 8,
+    },
 }
 NUM_TRAIN, NUM_HELDOUT = 2000, 50
 
@@ -226,6 +233,7 @@ def run_quickstart(
         model,
         args=config,
         train_dataset=splits.train,
+        eval_dataset=splits.heldout if config.eval_generation else None,
         processing_class=tokenizer,
         callbacks=[MetricsCallback()],
     )
@@ -243,6 +251,14 @@ def run_quickstart(
         )
         raise stop
     trainer.save_model()
+    during = [
+        (r["step"], r["eval_exact_match"]) for r in trainer.state.log_history if "eval_exact_match" in r
+    ]
+    if during:
+        shown = ", ".join(f"step {step}: {value:.0%}" for step, value in during)
+        out(
+            f"  exact match during training ({len(trainer.generation_eval.sets['eval'])} held-out dates): {shown}"
+        )
 
     out("measuring the model after training ...")
     after, after_any, after_text = evaluate(trainer.model, tokenizer, splits.heldout)
@@ -259,12 +275,24 @@ def run_quickstart(
         f"LoRA r={config.lora_r}, {config.max_steps} steps, learning rate {config.learning_rate}; "
         f"{minutes:.1f} minutes in all",
     ]
+    if during:
+        notes.append(
+            "exact match during training (eval_generation, greedy, "
+            f"{len(trainer.generation_eval.sets['eval'])} held-out dates): "
+            + ", ".join(f"step {step}: {value:.0%}" for step, value in during)
+        )
+    from tunesmith.evaluation import report_sections
+
     report = write_report(
         config.output_dir,
         title="tunesmith quick start: dates to ISO 8601",
         metrics=metrics,
         samples=samples,
         notes=notes,
+        sections=report_sections(
+            trainer.state.log_history,
+            samples=trainer.generation_eval.samples if trainer.generation_eval is not None else (),
+        ),
     )
     rows = [[name, f"{b:.1%}", f"{a:.1%}"] for name, (b, a) in metrics.items()]
     out("")

@@ -32,7 +32,20 @@ PLOTS = {
         "fraction of supervised tokens predicted right",
         [("mean_token_accuracy", "train"), ("eval_mean_token_accuracy", "eval")],
     ),
+    # eval_generation (tunesmith.evaluation); `*` stands for the name of each eval set that has the metric
+    "exact_match.png": (
+        "Exact match of greedy generations (held-out prompts)",
+        "fraction exactly right",
+        [("eval_exact_match", "eval"), ("eval_*_exact_match", "eval *")],
+    ),
+    "chrf.png": (
+        "chrF of greedy generations (held-out prompts)",
+        "chrF (0-100)",
+        [("eval_chrf", "eval"), ("eval_*_chrf", "eval *")],
+    ),
 }
+# eval losses of named eval sets (several sources: eval_<name>_loss) join the loss plot
+PLOTS["loss.png"][2].append(("eval_*_loss", "eval *"))
 
 
 class MetricsCallback(TrainerCallback):
@@ -116,7 +129,7 @@ def plot_metrics(records: Sequence[dict], output_dir: str | Path) -> list[Path]:
 
     written = []
     for filename, (title, ylabel, keys) in PLOTS.items():
-        lines = [(label, *series(records, key)) for key, label in keys]
+        lines = [(label, *series(records, key)) for key, label in _expand(keys, records)]
         lines = [(label, steps, values) for label, steps, values in lines if steps]
         if not lines:
             continue
@@ -133,6 +146,23 @@ def plot_metrics(records: Sequence[dict], output_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _expand(keys, records: Sequence[dict]) -> list[tuple[str, str]]:
+    """(metric key, label) pairs, with a `*` key matched against the records' keys (its label's `*`
+    becomes the matched part): ("eval_*_loss", "eval *") -> ("eval_math_loss", "eval math"), ..."""
+    out = []
+    for key, label in keys:
+        if "*" not in key:
+            out.append((key, label))
+            continue
+        head, tail = key.split("*")
+        names = sorted({k for r in records for k in r if k.startswith(head) and k.endswith(tail)})
+        for name in names:
+            part = name[len(head) : len(name) - len(tail)]
+            if part and len(name) >= len(head) + len(tail):  # "eval_loss" is not "eval_*_loss"
+                out.append((name, label.replace("*", part)))
+    return out
 
 
 @dataclass
@@ -170,6 +200,7 @@ def write_report(
     metrics: dict[str, tuple[float, float]] | None = None,
     samples: Sequence[Sample] = (),
     notes: Sequence[str] = (),
+    sections: Sequence[str] = (),
 ) -> Path:
     """Write `output_dir/report.md`: the before/after table, sample generations and the plots.
 
@@ -189,6 +220,8 @@ def write_report(
                 [[s.prompt, s.reference, s.before, s.after] for s in samples],
             )
         )
+    if sections:  # markdown lines of other parts (tunesmith.evaluation.report_sections)
+        parts += ["", *sections]
     pictures = [name for name in PLOTS if (output_dir / name).exists()]
     if pictures:
         parts += ["", "## Training curves", ""] + [f"![{name}]({name})" for name in pictures]

@@ -124,6 +124,9 @@ class SFTTrainer(Trainer):
             train_dataset, eval_dataset = _prepare_datasets(
                 train_dataset, eval_dataset, processing_class, args, formatting_func
             )
+        self.mixture_stats = getattr(
+            train_dataset, "mixture_stats", None
+        )  # several sources: per-source lines
         # evaluate(eval_dataset=raw) prepares it as the constructor's eval_dataset
         self._formatting_func, self._skip_prepare = formatting_func, skip_prepare
         if data_collator is None:
@@ -168,6 +171,7 @@ class SFTTrainer(Trainer):
         self._window = _TokenCounters(self.args.device)
         self._window_start = time.perf_counter()
         self._eval_totals: torch.Tensor | None = None
+        self.generation_eval = _generation_evaluator(self, args, skip_prepare)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Trainer.train; `resume_from_checkpoint=True` takes the newest *complete* checkpoint in
@@ -304,6 +308,18 @@ class SFTTrainer(Trainer):
                 output.metrics[f"{metric_key_prefix}_entropy"] = entropy / supervised
             output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(eval_loss, 700.0))
             output.metrics[f"{metric_key_prefix}_num_supervised_tokens"] = int(supervised)
+        if (
+            getattr(self, "generation_eval", None) is not None
+        ):  # eval_generation: exact match and chrF of greedy answers
+            output.metrics.update(
+                self.generation_eval.run(
+                    self.model,
+                    self.processing_class,
+                    metric_key_prefix,
+                    self.state.global_step,
+                    output_dir=self.args.output_dir if self.is_world_process_zero() else None,
+                )
+            )
         return output
 
     # ------------------------------------------------------------------ optimizer, logging, saving
@@ -842,7 +858,7 @@ def _warn_if_16bit_full_finetune(model, args: SFTConfig) -> None:
 
 def _check_before_work(args: SFTConfig, train_dataset, formatting_func) -> None:
     """The settings TRL refuses when the trainer is built, refused here too, before anything loads."""
-    if train_dataset is None:
+    if train_dataset is None and not args.datasets:
         raise ValueError(
             "SFTTrainer: `train_dataset` is required (got None). Pass train_dataset=... (a datasets.Dataset, a "
             "list of dicts, a file or folder path, or a Hub dataset name); to only evaluate, pass the eval data "
@@ -957,8 +973,72 @@ def _prepare_tokenizer(tokenizer, model, args: SFTConfig):
 
 def _prepare_datasets(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func):
     """Both splits through `prepare_dataset`; the eval split packed as `eval_packing` says."""
+    from tunesmith.data.mixture import is_mixture
+
+    if args.datasets or is_mixture(train_dataset):
+        return _prepare_mixture(train_dataset, eval_dataset, tokenizer, args, formatting_func)
     train_dataset = _prepare(train_dataset, tokenizer, args, formatting_func, args.packing, "train")
     return train_dataset, _prepare_eval(eval_dataset, tokenizer, args, formatting_func)
+
+
+def _generation_evaluator(trainer, args: SFTConfig, skip_prepare: bool):
+    """eval_generation and early stopping wired in: the evaluator (or None), the final evaluation and the
+    EarlyStoppingCallback; a metric_for_best_model that no evaluation logs is refused here."""
+    from tunesmith.evaluation import (
+        FinalEvaluationCallback,
+        GenerationEvaluator,
+        GenerationSettings,
+        check_best_metric,
+    )
+
+    evaluator = None
+    settings = GenerationSettings.parse(args.eval_generation)
+    if settings is not None:
+        if trainer.eval_dataset is None or skip_prepare:
+            raise ValueError(
+                "eval_generation needs a prepared eval set: pass eval_dataset (or give a source of `datasets` an "
+                "`eval` / `eval_examples`)"
+            )
+        evaluator = GenerationEvaluator.from_eval_datasets(
+            settings, trainer.eval_dataset, trainer.processing_class
+        )
+        trainer.add_callback(FinalEvaluationCallback(evaluator))
+    check_best_metric(args, trainer.eval_dataset, evaluator, trainer.compute_metrics)
+    if args.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(
+            EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold)
+        )
+    return evaluator
+
+
+def _prepare_mixture(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func):
+    """Several sources (`args.datasets`, or a dict / DatasetSource list as train_dataset) mixed by weight
+    (`data.mixture`); their eval sets become a dict {source name: rows}, so metrics are eval_<name>_loss. A
+    given eval_dataset joins them (a single one under the name "main")."""
+    from tunesmith.data.mixture import prepare_mixture
+    from tunesmith.data.pipeline import prepare_dataset
+
+    if args.datasets and train_dataset is not None:
+        raise ValueError(
+            "SFTTrainer: both `datasets` (in the config) and train_dataset are given; pass the sources one way"
+        )
+    kwargs = pipeline_kwargs(prepare_dataset, args, formatting_func, args.packing)
+    mixture = prepare_mixture(
+        args.datasets or train_dataset, tokenizer, eval_packing=args.eval_packing, **kwargs
+    )
+    train = mixture.dataset.add_column("example_index", list(range(len(mixture.dataset))))
+    evals = dict(mixture.eval_datasets)
+    given = (
+        _prepare_eval(eval_dataset, tokenizer, args, formatting_func) if eval_dataset is not None else None
+    )
+    if isinstance(given, dict):
+        evals.update(given)
+    elif given is not None:
+        evals["main"] = given
+    train.mixture_stats = mixture.stats  # read by SFTTrainer.__init__ (the report's per-source lines)
+    return train, (evals or None)
 
 
 def _prepare_eval(eval_dataset, tokenizer, args: SFTConfig, formatting_func):

@@ -182,19 +182,38 @@ def test_strip_template_none_trains_answers_and_end_of_turn_only():
     ]
 
 
-def test_strip_template_all_says_the_template_dropped_past_reasoning(caplog):
-    from tunesmith.data import tokenize as tokenize_module
-
-    tokenize_module._WARNED_REASONING.clear()
+def test_strip_template_all_trains_each_dropped_reasoning_in_an_example_of_its_own():
     tok = tokenizer()
-    with caplog.at_level(logging.WARNING, logger="tunesmith.data.tokenize"):
-        runs = trained_runs(tok, messages_example(TWO_TURNS), chat_template=STRIP, train_on_reasoning="all")
-    assert runs == [FOUR, THINK_SIX]
+    example = messages_example(TWO_TURNS)
+    out = tokenize_example(example, tok, chat_template=STRIP, train_on_reasoning="all")
+    # the conversation as the template renders it: the first turn's answer, the final turn whole
+    assert trained_runs(tok, example, chat_template=STRIP, train_on_reasoning="all") == [FOUR, THINK_SIX]
+    # and the first turn as the model sees it when it writes that turn (the last one then): reasoning included
+    (extra,) = out["extra_examples"]
+    tokens = tok.convert_ids_to_tokens(extra["input_ids"])
+    assert tokens[-9:] == THINK_FOUR and "six" not in tokens
+    assert [t for t, label in zip(tokens, extra["labels"]) if label != -100] == THINK_FOUR
+    # last / none make no extra example; a keeping template needs none
+    assert "extra_examples" not in tokenize_example(example, tok, chat_template=STRIP)
+    assert "extra_examples" not in tokenize_example(
+        example, tok, chat_template=KEEP, train_on_reasoning="all"
+    )
+
+
+def test_pipeline_counts_the_extra_examples(tmp_path, caplog):
+    from tunesmith.data.pipeline import prepare_dataset
+
+    rows = [{"messages": TWO_TURNS}] * 3
+    with caplog.at_level(logging.INFO, logger="tunesmith.data"):
+        prepared = prepare_dataset(
+            rows, tokenizer(), chat_template=STRIP, train_on_reasoning="all", cache_dir=False
+        )
+    assert (prepared.stats.examples_in, prepared.stats.examples_out) == (3, 6)
+    assert prepared.stats.supervised_tokens == 3 * (2 + 9 + 9)  # FOUR + THINK_SIX, and THINK_FOUR alone
     assert (
-        "train_on_reasoning=all, but the chat template drops the reasoning of earlier assistant turns"
+        "6 examples from 3 rows: train_on_reasoning=all and the chat template drops the reasoning"
         in caplog.text
     )
-    assert "(messages [1])" in caplog.text
 
 
 @pytest.mark.parametrize(

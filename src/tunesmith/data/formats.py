@@ -479,6 +479,25 @@ def _with_tools(out: dict, example: dict, where: str) -> dict:
     return out
 
 
+def with_system_prompt(normalized: dict, system_prompt: str, fmt: str, index=None) -> dict:
+    """A normalised conversation with `system_prompt` as its system message, unless it has one of its
+    own (the example's wins). Only conversations have a system turn: other kinds are an error.
+
+        >>> with_system_prompt({"messages": [{"role": "user", "content": "hi"}]}, "Be brief.", "messages")
+        {'messages': [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'hi'}]}
+    """
+    key = "messages" if "messages" in normalized else "prompt"
+    turns = normalized.get(key)
+    if not isinstance(turns, list):
+        raise DataError(
+            f"{_where(index)}: system_prompt applies to conversations (messages, ShareGPT, conversational "
+            f"prompt/completion), but this source is {fmt!r}; put the instruction in the prompt text instead"
+        )
+    if turns and turns[0]["role"] == "system":
+        return normalized
+    return {**normalized, key: [{"role": "system", "content": system_prompt}, *turns]}
+
+
 def _with_template_kwargs(out: dict, example: dict, where: str) -> dict:
     """The example's own `chat_template_kwargs` column (a dict, or a JSON object as a string), e.g.
     {"enable_thinking": false}: extra variables for the chat template, over the config's."""

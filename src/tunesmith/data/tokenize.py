@@ -94,7 +94,9 @@ def tokenize_example(
         if train_all or assistant_only_loss is False:
             return {"input_ids": rendered.input_ids, "labels": list(rendered.input_ids)}
         trained = _reasoning_rule(rendered, messages, train_on_reasoning, first_trained=0, where=where)
-        return {"input_ids": rendered.input_ids, "labels": _masked(rendered.input_ids, trained)}
+        out = {"input_ids": rendered.input_ids, "labels": _masked(rendered.input_ids, trained)}
+        return _with_dropped_turns(out, rendered, messages, example, tokenizer, chat_template,
+                                   chat_template_kwargs, train_on_reasoning, 0, where)  # fmt: skip
 
     prompt, completion = example.get("prompt"), example.get("completion")
     if isinstance(prompt, list):
@@ -153,9 +155,7 @@ def _reasoning_rule(rendered, messages, train_on_reasoning, *, first_trained: in
             f"train_on_reasoning={train_on_reasoning!r} is not one of {', '.join(TRAIN_ON_REASONING)}"
         )
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    if train_on_reasoning == "all":
-        _warn_if_reasoning_unrendered(rendered, first_trained, last, where)
-    elif rendered.unrendered_reasoning and rendered.unrendered_reasoning[-1] == last >= first_trained:
+    if rendered.unrendered_reasoning and rendered.unrendered_reasoning[-1] == last >= first_trained:
         _warn_if_reasoning_unrendered(rendered, last, last, where)
     keep_reasoning = {"all": lambda turn: True, "none": lambda turn: False, "last": lambda turn: turn == last}
     keep = keep_reasoning[train_on_reasoning]
@@ -169,30 +169,17 @@ _WARNED_REASONING: set[str] = set()
 
 
 def _warn_if_reasoning_unrendered(rendered, first: int, last: int, where: str) -> None:
-    """The reasoning of a turn that should train is not in the rendered text: say so (once per kind)."""
-    missing = [i for i in rendered.unrendered_reasoning if first <= i <= last]
-    if not missing:
+    """The final turn's reasoning is not in the rendered text: the template ignores it. Say so, once."""
+    if "final" in _WARNED_REASONING:
         return
-    kind = "final" if missing[-1] == last else "earlier"
-    if kind in _WARNED_REASONING:
-        return
-    _WARNED_REASONING.add(kind)
-    if kind == "final":
-        logger.warning(
-            "%s: the chat template does not render the reasoning (reasoning_content / thinking) of the final "
-            "assistant turn (message %d), so it is not trained; use a template that renders it (Qwen3-style "
-            "<think>, gpt-oss channels), or check chat_template_kwargs (e.g. enable_thinking). Logged once.",
-            where,
-            missing[-1],
-        )
-    else:
-        logger.warning(
-            "%s: train_on_reasoning=all, but the chat template drops the reasoning of earlier assistant turns "
-            "(messages %s), as the model sees them at inference; only the reasoning the template renders is "
-            "trained. Logged once.",
-            where,
-            missing,
-        )
+    _WARNED_REASONING.add("final")
+    logger.warning(
+        "%s: the chat template does not render the reasoning (reasoning_content / thinking) of the final "
+        "assistant turn (message %d), so it is not trained; use a template that renders it (Qwen3-style "
+        "<think>, gpt-oss channels), or check chat_template_kwargs (e.g. enable_thinking). Logged once.",
+        where,
+        last,
+    )
 
 
 def _conversational_prompt_completion(
@@ -208,7 +195,37 @@ def _conversational_prompt_completion(
         return {"input_ids": ids, "labels": list(ids)}
     first = len(example["prompt"]) if completion_only else 0  # messages at or after this index train
     trained = _reasoning_rule(rendered, messages, train_on_reasoning, first_trained=first, where=where)
-    return {"input_ids": ids, "labels": _masked(ids, trained)}
+    out = {"input_ids": ids, "labels": _masked(ids, trained)}
+    return _with_dropped_turns(out, rendered, messages, example, tokenizer, chat_template,
+                               chat_template_kwargs, train_on_reasoning, first, where)  # fmt: skip
+
+
+def _with_dropped_turns(out, rendered, messages, example, tokenizer, chat_template, chat_template_kwargs,
+                        train_on_reasoning, first_trained, where) -> dict:  # fmt: skip
+    """train_on_reasoning=all on a template that drops past reasoning (Qwen3): each earlier trained turn
+    whose reasoning is not in the text is also rendered as the last turn of its own conversation
+    (messages[:i + 1], as the model sees it when it writes that turn) and trained there, reasoning
+    included; those examples go in `out["extra_examples"]`. Turn i of [u, a1(r1), u, a3(r3)]:
+
+        out                  ... a1 <|im_end|> ... <think> r3 </think> a3 <|im_end|>   (a1's answer, a3 whole)
+        extra_examples[0]    ... <think> r1 </think> a1 <|im_end|>                      (a1 whole, nothing else)
+    """
+    if train_on_reasoning != "all":
+        return out
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    extra = []
+    for i in rendered.unrendered_reasoning:
+        if i < first_trained or i == last:
+            continue
+        prefix = messages[: i + 1]
+        alone = _render(tokenizer, prefix, example, chat_template, chat_template_kwargs, where)
+        if i in alone.unrendered_reasoning:
+            continue  # the template does not render reasoning even in the last turn (logged by _reasoning_rule)
+        trained = _reasoning_rule(alone, prefix, "all", first_trained=i, where=where)
+        extra.append({"input_ids": alone.input_ids, "labels": _masked(alone.input_ids, trained)})
+    if extra:
+        out["extra_examples"] = extra
+    return out
 
 
 def _adds_bos(tokenizer) -> bool:
