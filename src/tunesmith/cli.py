@@ -515,8 +515,9 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from tunesmith.checkpoint import CheckpointError
     from tunesmith.data.sources import DataError
     from tunesmith.export import ExportError
+    from tunesmith.models.load import ModelFileError
 
-    return (DataError, ExportError, CheckpointError, NonFiniteLossError)
+    return (DataError, ExportError, CheckpointError, NonFiniteLossError, ModelFileError)
 
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ class SFTTrainer(Trainer):
                 self.args.save_resolved(staged)
                 ckpt.publish_files(staged, target)
         except Exception as err:
-            if ckpt.is_disk_full(err):
+            if ckpt.is_disk_full(err, target, _model_bytes(self.model)):
                 shutil.rmtree(staged, ignore_errors=True)
                 raise ckpt.space_error(target, "the final model", _model_bytes(self.model), err) from None
             raise
@@ -407,22 +407,28 @@ class SFTTrainer(Trainer):
         step = self.state.global_step
         name = f"checkpoint-{step}"
         root = Path(run_dir) / ckpt.STAGING
-        needed = _previous_checkpoint_bytes(run_dir)
+        last = ckpt.newest_complete(run_dir)
+        needed = ckpt.folder_size(last) if last else None  # the next checkpoint needs about as much
+        intact = (
+            f"the last complete checkpoint, {last.name}, is intact" if last else "no checkpoint was saved yet"
+        )
         if self.args.should_save:
             if root.exists():
                 shutil.rmtree(root)  # what a killed save left behind
-            root.mkdir(parents=True)
             free = shutil.disk_usage(run_dir).free
             if needed and free < needed:
-                raise ckpt.space_error(run_dir, name, needed)
+                _remove_empty(root.parent)
+                raise ckpt.space_error(run_dir, name, needed, intact=intact)
+            root.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self._staging_root = root
         try:
             super()._save_checkpoint(model, trial)
         except Exception as err:
-            if ckpt.is_disk_full(err):
+            needed = needed or _model_bytes(self.model)
+            if ckpt.is_disk_full(err, run_dir, needed):
                 shutil.rmtree(root, ignore_errors=True)
-                raise ckpt.space_error(run_dir, name, needed or _model_bytes(self.model), err) from None
+                raise ckpt.space_error(run_dir, name, needed, err, intact=intact) from None
             raise
         finally:
             self._staging_root = None
@@ -459,14 +465,11 @@ def _seed_everything(args: SFTConfig) -> None:
         set_seed(args.seed)
 
 
-def _previous_checkpoint_bytes(run_dir: str) -> int | None:
-    """Size of the newest complete checkpoint in `run_dir` (the next one needs about as much), or None."""
-    from tunesmith.checkpoint import checkpoint_problem, folder_size, list_checkpoints
-
-    for _, folder in list_checkpoints(run_dir):
-        if checkpoint_problem(folder) is None:
-            return folder_size(folder)
-    return None
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _model_bytes(model) -> int:
