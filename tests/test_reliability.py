@@ -288,3 +288,30 @@ def test_a_nan_gradient_with_a_finite_loss_stops_before_its_update_naming_the_ba
     assert len(rows) == 4 and set(rows) <= set(range(len(DATA)))
     assert "lower the learning rate (now " in message and "max_grad_norm" not in message  # it was set
     assert torch.equal(weight.detach(), seen["weight"]) and torch.isfinite(weight).all()
+
+
+def test_the_thread_rule_and_its_reason(monkeypatch):
+    import os
+
+    import torch
+
+    from tunesmith.threads import apply_thread_rule
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.1, 1.0, 1.0))  # other processes fill both cores
+    choice = apply_thread_rule()
+    assert chosen == [1] and choice.changed
+    assert choice.line() == (
+        "threads: 1 torch thread (the CPU is busy: load average 3.1 on 2 cores; OMP_NUM_THREADS=N chooses)"
+    )
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 1.0, 1.0))
+    assert (
+        apply_thread_rule().line()
+        == "threads: 2 torch threads (torch's default; load average 0.4 on 2 cores)"
+    )
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert apply_thread_rule().line() == "threads: 2 torch threads (OMP_NUM_THREADS=2)" and chosen == [1]

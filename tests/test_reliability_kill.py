@@ -235,6 +235,12 @@ def test_a_finished_output_dir_is_not_overwritten_unless_asked(setup, capsys):
     assert "resume_from_checkpoint=true" in err and "overwrite_output_dir=true" in err
     assert "\n" not in err
     assert (tmp / "baseline" / "adapter_model.safetensors").read_bytes() == before
+    # the finished run's report says how many threads it used and why
+    import torch
+
+    assert (
+        f"- threads: {torch.get_num_threads()} torch thread" in (tmp / "baseline" / "report.md").read_text()
+    )
 
     # a folder with only checkpoints (a stopped or killed run) is refused too
     other = tmp / "only-checkpoints"

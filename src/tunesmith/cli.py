@@ -152,6 +152,7 @@ def cmd_train(args) -> int:
         from tunesmith.quickstart import run_quickstart
 
         resume = _resume_command(args)
+        _apply_threads(show=True)
         if args.config is None:  # the quick start's own settings plus the overrides
             run_quickstart([o for o in args.overrides if not o.startswith("dataset")], resume_command=resume)
         else:  # the file's settings, overrides applied
@@ -167,6 +168,7 @@ def cmd_train(args) -> int:
     check_output_dir(
         config.output_dir, overwrite=config.overwrite_output_dir, resume=config.resume_from_checkpoint
     )
+    threads = _apply_threads(show=True)
     config.save_resolved(config.output_dir)
     trainer = SFTTrainer(
         model,
@@ -178,6 +180,7 @@ def cmd_train(args) -> int:
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     final = {k: v for r in trainer.state.log_history for k, v in r.items() if k in ("loss", "eval_loss")}
     notes = [f"final {k}: {v:.4f}" for k, v in final.items()] + [f"data: {data.train}", f"model: {model}"]
+    notes.append(threads.line())
     title = f"tunesmith run: {Path(config.output_dir).name}"
     if trainer.stopped_by:
         # not finished: no final model in output_dir (the checkpoint holds it), a report that says so
@@ -190,6 +193,16 @@ def cmd_train(args) -> int:
     write_report(config.output_dir, title=title, notes=notes)
     print(f"done: model and report in {config.output_dir}")
     return 0
+
+
+def _apply_threads(show: bool = False):
+    """The thread rule of `tunesmith.threads`, for every command; `show`: print it (a training run)."""
+    from tunesmith.threads import apply_thread_rule
+
+    choice = apply_thread_rule()
+    if show:
+        print(choice.line(), file=sys.stderr, flush=True)
+    return choice
 
 
 def _resume_command(args) -> str:
@@ -224,6 +237,7 @@ def cmd_preprocess(args) -> int:
     config, data, _ = read_run_config(args.config, args.overrides)
     if data.train in (None, QUICKSTART_DATA):
         raise UsageError(f"{args.config}: preprocess needs `dataset.train` (a file, folder or Hub name)")
+    _apply_threads()
     tokenizer = _tokenizer_for(config)
     for name, source, split in (("train", data.train, data.split), ("eval", data.eval, data.eval_split)):
         if source:
@@ -250,6 +264,7 @@ def cmd_inspect(args) -> int:
             raise UsageError(f"{args.target}: no such file or folder")
     if args.model:
         config.model_name_or_path = args.model
+    _apply_threads()
     tokenizer = _tokenizer_for(config)
     prepared = _prepare(config, source, split, tokenizer)
     color = sys.stdout.isatty() and not args.no_color
@@ -280,6 +295,7 @@ def cmd_inspect(args) -> int:
 def cmd_generate(args) -> int:
     from tunesmith.generation import generate
 
+    _apply_threads()
     model, tokenizer = _load_for_generation(args.model)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
@@ -295,6 +311,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from tunesmith.generation import generate
 
+    _apply_threads()
     model, tokenizer = _load_for_generation(args.model)
     if not tokenizer.chat_template:
         raise UsageError(f"{args.model}: the tokenizer has no chat template; use `tunesmith generate --raw`")
@@ -323,6 +340,7 @@ def cmd_merge(args) -> int:
     from tunesmith.export import merge_adapter
 
     _need_folder(args.adapter)
+    _apply_threads()
     out = merge_adapter(args.adapter, args.output, dtype=args.dtype)
     print(f"merged model written to {out}")
     return 0
@@ -332,6 +350,7 @@ def cmd_export(args) -> int:
     from tunesmith.export import export_gguf
 
     _need_folder(args.model)
+    _apply_threads()
     out = export_gguf(args.model, args.gguf, type=args.type)
     print(f"GGUF ({args.type}) written to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
