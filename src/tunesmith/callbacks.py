@@ -160,23 +160,47 @@ def _malloc_trim():
 
 
 class SampleGenerationCallback(TrainerCallback):
-    """Greedy generations from a few prompts at every evaluation, logged and kept in `samples`
-    as (step, prompt, text)."""
+    """Greedy generations from a few prompts at every evaluation, and after the last step when no
+    evaluation follows it (so `sample_prompts` always shows something, even without an eval set).
 
-    def __init__(self, prompts, max_new_tokens: int = 64):
+    Each generation is printed (to `stream`, default stdout), kept in `samples` as (step, prompt, text),
+    and appended to `state.log_history` as {"step", "sample_prompt", "sample_output"}: `MetricsCallback`
+    writes those records to metrics.jsonl, `report.samples_from_history` reads them for report.md, and
+    they are saved with every checkpoint's trainer state (so a resumed run's report keeps them)."""
+
+    def __init__(self, prompts, max_new_tokens: int = 64, stream=None):
         self.prompts = list(prompts)
         self.max_new_tokens = max_new_tokens
+        self.stream = stream
         self.samples: list[tuple[int, object, str]] = []
 
     def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._generate(state, model, processing_class)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        # the last step, when no evaluation follows it (DefaultFlowCallback has decided that already);
+        # here rather than at on_train_end so that MetricsCallback still writes them
+        if state.global_step >= state.max_steps and not control.should_evaluate:
+            self._generate(state, model, processing_class)
+
+    def _generate(self, state, model, processing_class) -> None:
         if model is None or processing_class is None or not state.is_world_process_zero:
             return
         from tunesmith.generation import generate
 
         texts = generate(model, processing_class, self.prompts, max_new_tokens=self.max_new_tokens)
+        stream = self.stream or sys.stdout
         for prompt, text in zip(self.prompts, texts):
             self.samples.append((state.global_step, prompt, text))
+            state.log_history.append(
+                {"step": state.global_step, "sample_prompt": prompt, "sample_output": text}
+            )
             logger.info("sample at step %d\n  prompt: %s\n  output: %s", state.global_step, prompt, text)
+            print(
+                f"sample at step {state.global_step}\n  prompt: {prompt}\n  output: {text}",
+                file=stream,
+                flush=True,
+            )
 
 
 class ProgressLineCallback(TrainerCallback):

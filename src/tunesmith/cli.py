@@ -161,7 +161,7 @@ def cmd_train(args) -> int:
 
     from tunesmith.callbacks import ProgressLineCallback, TrainingStopped
     from tunesmith.checkpoint import check_output_dir
-    from tunesmith.report import MetricsCallback, write_report
+    from tunesmith.report import MetricsCallback, samples_from_history, write_report
     from tunesmith.trainer import SFTTrainer
 
     model = _check_model(config.model_name_or_path)
@@ -182,15 +182,21 @@ def cmd_train(args) -> int:
     notes = [f"final {k}: {v:.4f}" for k, v in final.items()] + [f"data: {data.train}", f"model: {model}"]
     notes.append(threads.line())
     title = f"tunesmith run: {Path(config.output_dir).name}"
+    generations = samples_from_history(trainer.state.log_history)
     if trainer.stopped_by:
         # not finished: no final model in output_dir (the checkpoint holds it), a report that says so
         stop = TrainingStopped(
             trainer.stopped_by, trainer.state.global_step, trainer.state.max_steps, _resume_command(args)
         )
-        write_report(config.output_dir, title=f"{title} (STOPPED EARLY)", notes=[f"**{stop}**", *notes])
+        write_report(
+            config.output_dir,
+            title=f"{title} (STOPPED EARLY)",
+            notes=[f"**{stop}**", *notes],
+            generations=generations,
+        )
         raise stop
     trainer.save_model()
-    write_report(config.output_dir, title=title, notes=notes)
+    write_report(config.output_dir, title=title, notes=notes, generations=generations)
     print(f"done: model and report in {config.output_dir}")
     return 0
 
