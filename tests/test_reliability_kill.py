@@ -261,8 +261,17 @@ def test_sample_prompts_reach_the_console_metrics_and_report(setup, capsys):
     tmp, _ = setup
     config = run_config(tmp, "samples", sample_prompts=["the quick brown"], sample_max_new_tokens=4)
     assert main(["train", str(config)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "sample at step 8\n  prompt: the quick brown\n  output: " in out
+    # one progress display: the step lines, not also Trainer's log dicts / tqdm bar / save bars
+    assert (
+        "{'loss'" not in out
+        and "Writing model shards" not in err
+        and "it/s]" not in err.split("tokenizing")[-1]
+    )
+    assert [line.split(" | ")[0] for line in err.splitlines() if line.startswith("step ")] == [
+        f"step {i}/8" for i in range(1, 9)
+    ]
     records = [json.loads(line) for line in (tmp / "samples" / "metrics.jsonl").read_text().splitlines()]
     samples = [r for r in records if "sample_output" in r]
     assert len(samples) == 1 and samples[0]["step"] == 8 and samples[0]["sample_prompt"] == "the quick brown"

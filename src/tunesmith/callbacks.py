@@ -204,7 +204,9 @@ class SampleGenerationCallback(TrainerCallback):
 
 
 class ProgressLineCallback(TrainerCallback):
-    """One line per log: step/total, loss, token accuracy, tokens/s and ETA (for plain logs and the CLI)."""
+    """One line per log: step/total, loss, token accuracy, tokens/s and ETA (for plain logs and the CLI);
+    one per evaluation: eval loss and accuracy. The ETA counts the steps of this run only (after a resume,
+    not the checkpoint's)."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -212,13 +214,25 @@ class ProgressLineCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
+        self._start_step = state.global_step  # a resumed run starts past 0: its speed is counted from here
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
+        if not state.is_world_process_zero or not logs:
+            return
+        if "eval_loss" in logs:
+            parts = [
+                f"step {state.global_step}/{max(state.max_steps, 1)}",
+                f"eval loss {logs['eval_loss']:.4f}",
+            ]
+            if "eval_mean_token_accuracy" in logs:
+                parts.append(f"eval acc {logs['eval_mean_token_accuracy']:.3f}")
+            print(" | ".join(parts), file=self.stream, flush=True)
+        if "loss" not in logs:
             return
         step, total = state.global_step, max(state.max_steps, 1)
         elapsed = time.perf_counter() - (self._start or time.perf_counter())
-        eta = elapsed / max(step, 1) * (total - step)
+        done = step - getattr(self, "_start_step", 0)
+        eta = elapsed / max(done, 1) * (total - step)
         parts = [f"step {step}/{total}", f"loss {logs['loss']:.4f}"]
         if "mean_token_accuracy" in logs:
             parts.append(f"acc {logs['mean_token_accuracy']:.3f}")

@@ -116,11 +116,13 @@ class SFTConfig(TrainingArguments):
         default=10,
         metadata=_help("Log every N optimizer steps (a float < 1 is a fraction of the run).", "training"),
     )
-    gradient_checkpointing: bool = field(
-        default=False,
+    gradient_checkpointing: bool | None = field(
+        # None (not False): transformers warns that `gradient_checkpointing` is deprecated whenever it is
+        # set, so only a user who sets it sees that warning; unset it resolves to False
+        default=None,
         metadata=_help(
             "Recompute activations in the backward to save memory (TRL defaults to True). Only memory and "
-            "time change, never the result; leave False and let `memory_policy` decide.",
+            "time change, never the result; leave it unset (False) and let `memory_policy` decide.",
             "training",
         ),
     )
@@ -417,6 +419,9 @@ class SFTConfig(TrainingArguments):
         _check_choice("memory_policy", self.memory_policy, ("auto", "none", "checkpoint", "offload"))
         _check_choice("model_quantization", self.model_quantization, (None, "4bit", "8bit"))
         self._check_ranges()
+        if self.dataloader_pin_memory and not _has_accelerator():
+            # pinned memory only speeds up copies to a GPU; without one torch warns on every DataLoader
+            self.dataloader_pin_memory = False
         super().__post_init__()
 
     def _check_ranges(self) -> None:

@@ -375,6 +375,20 @@ class SFTTrainer(Trainer):
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A checkpoint of a model with tied weights (SmolLM2's lm_head is its embedding matrix) stores the
+        # matrix once; the tied name is "missing" but loaded through its twin: not worth a warning
+        first: dict[int, str] = {}
+        tied = set()
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(param), name) != name:
+                tied.add(name)
+        if tied and hasattr(load_result, "_replace"):  # torch's _IncompatibleKeys, a named tuple
+            load_result = load_result._replace(
+                missing_keys=[k for k in load_result.missing_keys if k not in tied]
+            )
+        super()._issue_warnings_after_load(load_result)
+
     def _get_grad_norm(self, model, grad_norm=None):
         # Trainer calls this once per optimizer step, after clipping and before `optimizer.step()`: a NaN /
         # inf norm stops there, so its update is never applied, naming the rows of that step's batches
