@@ -288,3 +288,68 @@ def test_a_nan_gradient_with_a_finite_loss_stops_before_its_update_naming_the_ba
     assert len(rows) == 4 and set(rows) <= set(range(len(DATA)))
     assert "lower the learning rate (now " in message and "max_grad_norm" not in message  # it was set
     assert torch.equal(weight.detach(), seen["weight"]) and torch.isfinite(weight).all()
+
+
+def test_the_thread_rule_and_its_reason(monkeypatch):
+    import os
+
+    import torch
+
+    from tunesmith.threads import apply_thread_rule
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.1, 1.0, 1.0))  # other processes fill both cores
+    choice = apply_thread_rule()
+    assert chosen == [1] and choice.changed
+    assert choice.line() == (
+        "threads: 1 torch thread (the CPU is busy: load average 3.1 on 2 cores; OMP_NUM_THREADS=N chooses)"
+    )
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 1.0, 1.0))
+    assert (
+        apply_thread_rule().line()
+        == "threads: 2 torch threads (torch's default; load average 0.4 on 2 cores)"
+    )
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert apply_thread_rule().line() == "threads: 2 torch threads (OMP_NUM_THREADS=2)" and chosen == [1]
+
+
+def test_console_noise_is_gone_and_warnings_still_mean_something(tmp_path, caplog, recwarn):
+    # the issue's list: transformers' FutureWarning for `gradient_checkpointing` (SFTConfig set it on every
+    # run), the pin_memory UserWarning on a machine without GPU, "missing keys ['lm_head.weight']" when a
+    # model with tied embeddings resumes, and an ETA that counted the checkpoint's steps as this run's
+    import io
+    import warnings
+
+    from tunesmith.callbacks import ProgressLineCallback
+    from tunesmith.config import SFTConfig
+
+    warnings.simplefilter("always")
+    caplog.set_level(logging.WARNING)
+    model = tiny_model("llama", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    full = SFTTrainer(model, args=args(tmp_path), train_dataset=DATA, processing_class=tiny_tokenizer())
+    full.train()
+    stream = io.StringIO()
+    resumed = SFTTrainer(
+        tiny_model("llama", tie_word_embeddings=True, seed=5),
+        args=args(tmp_path / "resumed"),
+        train_dataset=DATA,
+        processing_class=tiny_tokenizer(),
+        callbacks=[ProgressLineCallback(stream)],
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    texts = [str(w.message) for w in recwarn.list]
+    assert not [t for t in texts if "deprecated and will be removed in v6" in t], texts
+    assert not [t for t in texts if "pin_memory" in t], texts
+    assert "missing keys" not in caplog.text
+    # the weights are really tied and loaded: the resumed curve is the original one
+    assert losses(resumed)[6] == pytest.approx(losses(full)[6], abs=1e-6)
+    # a setting the user wrote still warns
+    SFTConfig(output_dir=str(tmp_path / "x"), gradient_checkpointing=True)
+    assert any("`gradient_checkpointing` is deprecated" in str(w.message) for w in recwarn.list)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" | ")[0] for line in lines] == ["step 4/6", "step 5/6", "step 6/6"]

@@ -235,6 +235,12 @@ def test_a_finished_output_dir_is_not_overwritten_unless_asked(setup, capsys):
     assert "resume_from_checkpoint=true" in err and "overwrite_output_dir=true" in err
     assert "\n" not in err
     assert (tmp / "baseline" / "adapter_model.safetensors").read_bytes() == before
+    # the finished run's report says how many threads it used and why
+    import torch
+
+    assert (
+        f"- threads: {torch.get_num_threads()} torch thread" in (tmp / "baseline" / "report.md").read_text()
+    )
 
     # a folder with only checkpoints (a stopped or killed run) is refused too
     other = tmp / "only-checkpoints"
@@ -248,3 +254,31 @@ def test_a_finished_output_dir_is_not_overwritten_unless_asked(setup, capsys):
         == 0
     )
     assert not (other / "checkpoint-3").exists() and (other / "adapter_model.safetensors").exists()
+
+
+def test_sample_prompts_reach_the_console_metrics_and_report(setup, capsys):
+    # no eval set: the generations come at the end of training (with one, at every evaluation too)
+    tmp, _ = setup
+    config = run_config(tmp, "samples", sample_prompts=["the quick brown"], sample_max_new_tokens=4)
+    assert main(["train", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert "sample at step 8\n  prompt: the quick brown\n  output: " in out
+    # one progress display: the step lines, not also Trainer's log dicts / tqdm bar / save bars
+    assert (
+        "{'loss'" not in out
+        and "Writing model shards" not in err
+        and "it/s]" not in err.split("tokenizing")[-1]
+    )
+    assert [line.split(" | ")[0] for line in err.splitlines() if line.startswith("step ")] == [
+        f"step {i}/8" for i in range(1, 9)
+    ]
+    records = [json.loads(line) for line in (tmp / "samples" / "metrics.jsonl").read_text().splitlines()]
+    samples = [r for r in records if "sample_output" in r]
+    assert len(samples) == 1 and samples[0]["step"] == 8 and samples[0]["sample_prompt"] == "the quick brown"
+    # in order: after the losses of steps 1-7, before step 8's (logged after the step's callbacks)
+    before = [r["step"] for r in records[: records.index(samples[0])] if "loss" in r]
+    assert before == list(range(1, 8))
+    printed = out.split("  output: ")[1].splitlines()[0]
+    assert samples[0]["sample_output"].strip() == printed.strip()
+    report = (tmp / "samples" / "report.md").read_text()
+    assert "## Generations from sample_prompts" in report and "| 8 | the quick brown |" in report

@@ -160,16 +160,31 @@ def _malloc_trim():
 
 
 class SampleGenerationCallback(TrainerCallback):
-    """Greedy generations from a few prompts at every evaluation, logged and kept in `samples`
-    as (step, prompt, text)."""
+    """Greedy generations from a few prompts at every evaluation, and after the last step when no
+    evaluation follows it (so `sample_prompts` always shows something, even without an eval set).
 
-    def __init__(self, prompts, max_new_tokens: int = 64, chat_template_kwargs=None):
+    Each generation is printed (to `stream`, default stdout), kept in `samples` as (step, prompt, text),
+    and appended to `state.log_history` as {"step", "sample_prompt", "sample_output"}: `MetricsCallback`
+    writes those records to metrics.jsonl, `report.samples_from_history` reads them for report.md, and
+    they are saved with every checkpoint's trainer state (so a resumed run's report keeps them)."""
+
+    def __init__(self, prompts, max_new_tokens: int = 64, chat_template_kwargs=None, stream=None):
         self.prompts = list(prompts)
         self.max_new_tokens = max_new_tokens
         self.chat_template_kwargs = chat_template_kwargs
+        self.stream = stream
         self.samples: list[tuple[int, object, str]] = []
 
     def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._generate(state, model, processing_class)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        # the last step, when no evaluation follows it (DefaultFlowCallback has decided that already);
+        # here rather than at on_train_end so that MetricsCallback still writes them
+        if state.global_step >= state.max_steps and not control.should_evaluate:
+            self._generate(state, model, processing_class)
+
+    def _generate(self, state, model, processing_class) -> None:
         if model is None or processing_class is None or not state.is_world_process_zero:
             return
         from tunesmith.generation import generate
@@ -181,13 +196,24 @@ class SampleGenerationCallback(TrainerCallback):
             max_new_tokens=self.max_new_tokens,
             chat_template_kwargs=self.chat_template_kwargs,
         )
+        stream = self.stream or sys.stdout
         for prompt, text in zip(self.prompts, texts):
             self.samples.append((state.global_step, prompt, text))
+            state.log_history.append(
+                {"step": state.global_step, "sample_prompt": prompt, "sample_output": text}
+            )
             logger.info("sample at step %d\n  prompt: %s\n  output: %s", state.global_step, prompt, text)
+            print(
+                f"sample at step {state.global_step}\n  prompt: {prompt}\n  output: {text}",
+                file=stream,
+                flush=True,
+            )
 
 
 class ProgressLineCallback(TrainerCallback):
-    """One line per log: step/total, loss, token accuracy, tokens/s and ETA (for plain logs and the CLI)."""
+    """One line per log: step/total, loss, token accuracy, tokens/s and ETA (for plain logs and the CLI);
+    one per evaluation: eval loss and accuracy. The ETA counts the steps of this run only (after a resume,
+    not the checkpoint's)."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -195,13 +221,25 @@ class ProgressLineCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
+        self._start_step = state.global_step  # a resumed run starts past 0: its speed is counted from here
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
+        if not state.is_world_process_zero or not logs:
+            return
+        if "eval_loss" in logs:
+            parts = [
+                f"step {state.global_step}/{max(state.max_steps, 1)}",
+                f"eval loss {logs['eval_loss']:.4f}",
+            ]
+            if "eval_mean_token_accuracy" in logs:
+                parts.append(f"eval acc {logs['eval_mean_token_accuracy']:.3f}")
+            print(" | ".join(parts), file=self.stream, flush=True)
+        if "loss" not in logs:
             return
         step, total = state.global_step, max(state.max_steps, 1)
         elapsed = time.perf_counter() - (self._start or time.perf_counter())
-        eta = elapsed / max(step, 1) * (total - step)
+        done = step - getattr(self, "_start_step", 0)
+        eta = elapsed / max(done, 1) * (total - step)
         parts = [f"step {step}/{total}", f"loss {logs['loss']:.4f}"]
         if "mean_token_accuracy" in logs:
             parts.append(f"acc {logs['mean_token_accuracy']:.3f}")

@@ -41,6 +41,7 @@ __all__ = [
     "STAGING",
     "check_output_dir",
     "checkpoint_problem",
+    "safetensors_problem",
     "list_checkpoints",
     "resolve_resume",
     "fsync_tree",
@@ -111,15 +112,16 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     if not any((folder / name).is_file() for name in _WEIGHTS):
         return "no model or adapter weights"
     for path in sorted(folder.glob("*.safetensors")):
-        problem = _safetensors_problem(path)
+        problem = safetensors_problem(path)
         if problem:
             return f"{path.name} {problem}"
     return None
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """A safetensors file is an 8-byte header length, a JSON header, then the data; the header's
+def safetensors_problem(path: str | Path) -> str | None:
+    """None for a whole safetensors file, else what is wrong with it. A safetensors file is an 8-byte header length, a JSON header, then the data; the header's
     largest end offset says how long the file must be."""
+    path = Path(path)
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -347,25 +349,39 @@ def folder_size(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """ENOSPC / EDQUOT, or the messages torch's and safetensors' writers give for them."""
+def is_disk_full(err: BaseException, folder: str | Path | None = None, needed: int | None = None) -> bool:
+    """ENOSPC / EDQUOT, the messages torch's and safetensors' writers give for them, or (their messages
+    vary: "basic_ios::clear: iostream error", "unexpected pos ...") any write error while `folder`'s
+    disk has less than `needed` bytes (or 1 MiB) left."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err).lower()
-    return any(s in text for s in ("no space left", "iostream error", "disk quota", "file write failed"))
+    if any(s in text for s in ("no space left", "iostream error", "disk quota", "file write failed")):
+        return True
+    if folder is None:
+        return False
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(_existing(Path(folder))).free < max(needed or 0, 2**20)
+    return False
 
 
 def space_error(
-    folder: str | Path, what: str, needed: int | None, err: BaseException | None = None
+    folder: str | Path, what: str, needed: int | None, err: BaseException | None = None, *, intact: str = ""
 ) -> CheckpointError:
     """The one-line error for a full disk: the folder, the space needed and free, what is intact."""
     free = shutil.disk_usage(_existing(Path(folder))).free
     need = f"about {_mib(needed)} needed, " if needed else ""
     cause = f" ({type(err).__name__}: {str(err).splitlines()[0][:120]})" if err is not None else ""
+    kept = f"; {intact}" if intact else ""
     return CheckpointError(
-        f"not enough disk space in {folder} to write {what}: {need}{_mib(free)} free{cause}. Free some space "
-        "(or point output_dir at a larger disk) and run again"
+        f"not enough disk space in {folder} to write {what}: {need}{_mib(free)} free{cause}{kept}. Free some "
+        "space (or point output_dir at a larger disk) and run again"
     )
+
+
+def newest_complete(output_dir: str | Path) -> Path | None:
+    """The newest complete `checkpoint-N` in `output_dir`, or None."""
+    return next((f for _, f in list_checkpoints(output_dir) if checkpoint_problem(f) is None), None)
 
 
 def _existing(path: Path) -> Path:

@@ -116,11 +116,13 @@ class SFTConfig(TrainingArguments):
         default=10,
         metadata=_help("Log every N optimizer steps (a float < 1 is a fraction of the run).", "training"),
     )
-    gradient_checkpointing: bool = field(
-        default=False,
+    gradient_checkpointing: bool | None = field(
+        # None (not False): transformers warns that `gradient_checkpointing` is deprecated whenever it is
+        # set, so only a user who sets it sees that warning; unset it resolves to False
+        default=None,
         metadata=_help(
             "Recompute activations in the backward to save memory (TRL defaults to True). Only memory and "
-            "time change, never the result; leave False and let `memory_policy` decide.",
+            "time change, never the result; leave it unset (False) and let `memory_policy` decide.",
             "training",
         ),
     )
@@ -474,6 +476,10 @@ class SFTConfig(TrainingArguments):
         _check_choice("train_on_reasoning", self.train_on_reasoning, ("last", "all", "none"))
         _check_choice("memory_policy", self.memory_policy, ("auto", "none", "checkpoint", "offload"))
         _check_choice("model_quantization", self.model_quantization, (None, "4bit", "8bit"))
+        self._check_ranges()
+        if self.dataloader_pin_memory and not _has_accelerator():
+            # pinned memory only speeds up copies to a GPU; without one torch warns on every DataLoader
+            self.dataloader_pin_memory = False
         super().__post_init__()
 
     def _evaluation_settings(self) -> None:
@@ -527,6 +533,33 @@ class SFTConfig(TrainingArguments):
                 "checkpoint at every evaluation, so the best one is saved when it is evaluated)",
             )
             self.save_steps = eval_steps
+
+    def _check_ranges(self) -> None:
+        """Values that would fail only after the model is loaded (or divide by zero in the training loop),
+        refused when the config is read."""
+        at_least = {
+            "per_device_train_batch_size": 1,
+            "per_device_eval_batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "lora_r": 1,
+            "sample_max_new_tokens": 1,
+        }
+        for key, low in at_least.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"SFTConfig: `{key}` must be a whole number >= {low}, got {value!r}")
+        for key in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio"):
+            value = getattr(self, key, None)
+            if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+                raise ConfigError(f"SFTConfig: `{key}` must be >= 0, got {value!r}")
+        if self.embedding_learning_rate is not None and self.embedding_learning_rate < 0:
+            raise ConfigError(
+                f"SFTConfig: `embedding_learning_rate` must be >= 0, got {self.embedding_learning_rate!r}"
+            )
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(
+                f"SFTConfig: `max_length` must be >= 1 (or null: no limit), got {self.max_length!r}"
+            )
 
     def _kernels_from_peer_spellings(self) -> None:
         """TRL's kernel switches mean tunesmith's own kernels: `use_liger_kernel=True` (TRL ≤ 1.15, a

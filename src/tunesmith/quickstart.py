@@ -162,22 +162,13 @@ def evaluate(
 
 
 def threads_for_a_busy_cpu(out=print) -> int | None:
-    """Use one torch thread when other processes already keep every core busy; return the count set.
+    """Use one torch thread when other processes already keep every core busy (`tunesmith.threads`, the
+    rule every command follows); return the count set, None when left alone."""
+    from tunesmith.threads import apply_thread_rule
 
-    torch's OpenMP threads wait for each other by spinning, and on an oversubscribed CPU that costs
-    far more than it gains: on this project's shared 2-core machine (load average 10) a 60-token
-    forward of the default model took 30 s with 2 threads and 0.6 s with 1. An explicit
-    OMP_NUM_THREADS is the user's choice and is left alone; so is an idle machine.
-    """
-    import os
-
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() == 1:
+    choice = apply_thread_rule()
+    if not choice.changed:
         return None
-    if os.getloadavg()[0] < (os.cpu_count() or 1):
-        return None
-    torch.set_num_threads(1)
     out("  the CPU is busy with other processes: using 1 thread (set OMP_NUM_THREADS to choose)")
     return 1
 
@@ -270,11 +261,15 @@ def run_quickstart(
         Sample(p[-1]["content"].removeprefix(INSTRUCTION).strip(), r, b, a)
         for p, r, b, a in list(zip(prompts, references, before_text, after_text))[:5]
     ]
+    from tunesmith.threads import last_choice
+
     notes = [
         f"{len(splits.heldout)} held-out dates (none of them in the {len(splits.train)} training examples), greedy decoding",
         f"LoRA r={config.lora_r}, {config.max_steps} steps, learning rate {config.learning_rate}; "
         f"{minutes:.1f} minutes in all",
     ]
+    if last_choice() is not None:
+        notes.append(last_choice().line())
     if during:
         notes.append(
             "exact match during training (eval_generation, greedy, "

@@ -66,6 +66,7 @@ class MetricsCallback(TrainerCallback):
         # a fresh run (step 0) into a used folder starts a new file; a resumed run (step > 0) appends,
         # after dropping what the interrupted run logged past the checkpoint it resumes from (those steps
         # are trained again, so they would be in the file twice)
+        self._samples_written = sum("sample_output" in r for r in state.log_history)  # a resume's are written
         path = self._folder(args) / METRICS_FILE
         if not state.is_world_process_zero or not path.exists():
             return
@@ -85,12 +86,25 @@ class MetricsCallback(TrainerCallback):
             return
         record = {"step": state.global_step, "epoch": state.epoch}
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str)) and _finite(v)})
+        self._write([*self._new_samples(state), record], args)
+
+    def _new_samples(self, state) -> list[dict]:
+        """Sample generations (SampleGenerationCallback's records in the log history) not written yet."""
+        found = [r for r in state.log_history if "sample_output" in r]
+        new, self._samples_written = found[getattr(self, "_samples_written", 0) :], len(found)
+        return new
+
+    def _write(self, records: list[dict], args) -> None:
+        if not records:
+            return
         folder = self._folder(args)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write("".join(json.dumps(r) + "\n" for r in records))
 
     def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self._write(self._new_samples(state), args)
         if self.plots and state.is_world_process_zero and (self._folder(args) / METRICS_FILE).exists():
             plot_metrics(read_metrics(self._folder(args) / METRICS_FILE), self._folder(args))
 
@@ -193,6 +207,17 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def samples_from_history(log_history: Sequence[dict]) -> list[tuple[int, str, str]]:
+    """(step, prompt, output) of the `sample_prompts` generations in a trainer's log history.
+
+    >>> samples_from_history([{"loss": 1.0, "step": 5}, {"step": 5, "sample_prompt": "Hi", "sample_output": "Hello"}])
+    [(5, 'Hi', 'Hello')]
+    """
+    return [
+        (r["step"], str(r["sample_prompt"]), r["sample_output"]) for r in log_history if "sample_output" in r
+    ]
+
+
 def write_report(
     output_dir: str | Path,
     *,
@@ -201,10 +226,12 @@ def write_report(
     samples: Sequence[Sample] = (),
     notes: Sequence[str] = (),
     sections: Sequence[str] = (),
+    generations: Sequence[tuple[int, str, str]] = (),
 ) -> Path:
     """Write `output_dir/report.md`: the before/after table, sample generations and the plots.
 
     `metrics`: name -> (before, after), as fractions (shown as percentages); None: no table.
+    `generations`: (step, prompt, output) of the `sample_prompts` (see `samples_from_history`).
     """
     output_dir = Path(output_dir)
     parts = [f"# {title}", ""]
@@ -222,6 +249,9 @@ def write_report(
         )
     if sections:  # markdown lines of other parts (tunesmith.evaluation.report_sections)
         parts += ["", *sections]
+    if generations:
+        parts += ["", "## Generations from sample_prompts", ""]
+        parts.append(markdown_table(["step", "prompt", "output"], [list(g) for g in generations]))
     pictures = [name for name in PLOTS if (output_dir / name).exists()]
     if pictures:
         parts += ["", "## Training curves", ""] + [f"![{name}]({name})" for name in pictures]

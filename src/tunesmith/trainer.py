@@ -389,13 +389,27 @@ class SFTTrainer(Trainer):
                 self.args.save_resolved(staged)
                 ckpt.publish_files(staged, target)
         except Exception as err:
-            if ckpt.is_disk_full(err):
+            if ckpt.is_disk_full(err, target, _model_bytes(self.model)):
                 shutil.rmtree(staged, ignore_errors=True)
                 raise ckpt.space_error(target, "the final model", _model_bytes(self.model), err) from None
             raise
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A checkpoint of a model with tied weights (SmolLM2's lm_head is its embedding matrix) stores the
+        # matrix once; the tied name is "missing" but loaded through its twin: not worth a warning
+        first: dict[int, str] = {}
+        tied = set()
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(param), name) != name:
+                tied.add(name)
+        if tied and hasattr(load_result, "_replace"):  # torch's _IncompatibleKeys, a named tuple
+            load_result = load_result._replace(
+                missing_keys=[k for k in load_result.missing_keys if k not in tied]
+            )
+        super()._issue_warnings_after_load(load_result)
 
     def _get_grad_norm(self, model, grad_norm=None):
         # Trainer calls this once per optimizer step, after clipping and before `optimizer.step()`: a NaN /
@@ -429,22 +443,28 @@ class SFTTrainer(Trainer):
         step = self.state.global_step
         name = f"checkpoint-{step}"
         root = Path(run_dir) / ckpt.STAGING
-        needed = _previous_checkpoint_bytes(run_dir)
+        last = ckpt.newest_complete(run_dir)
+        needed = ckpt.folder_size(last) if last else None  # the next checkpoint needs about as much
+        intact = (
+            f"the last complete checkpoint, {last.name}, is intact" if last else "no checkpoint was saved yet"
+        )
         if self.args.should_save:
             if root.exists():
                 shutil.rmtree(root)  # what a killed save left behind
-            root.mkdir(parents=True)
             free = shutil.disk_usage(run_dir).free
             if needed and free < needed:
-                raise ckpt.space_error(run_dir, name, needed)
+                _remove_empty(root.parent)
+                raise ckpt.space_error(run_dir, name, needed, intact=intact)
+            root.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self._staging_root = root
         try:
             super()._save_checkpoint(model, trial)
         except Exception as err:
-            if ckpt.is_disk_full(err):
+            needed = needed or _model_bytes(self.model)
+            if ckpt.is_disk_full(err, run_dir, needed):
                 shutil.rmtree(root, ignore_errors=True)
-                raise ckpt.space_error(run_dir, name, needed or _model_bytes(self.model), err) from None
+                raise ckpt.space_error(run_dir, name, needed, err, intact=intact) from None
             raise
         finally:
             self._staging_root = None
@@ -481,14 +501,11 @@ def _seed_everything(args: SFTConfig) -> None:
         set_seed(args.seed)
 
 
-def _previous_checkpoint_bytes(run_dir: str) -> int | None:
-    """Size of the newest complete checkpoint in `run_dir` (the next one needs about as much), or None."""
-    from tunesmith.checkpoint import checkpoint_problem, folder_size, list_checkpoints
-
-    for _, folder in list_checkpoints(run_dir):
-        if checkpoint_problem(folder) is None:
-            return folder_size(folder)
-    return None
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _model_bytes(model) -> int:

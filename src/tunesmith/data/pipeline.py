@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 
 from tunesmith.data import packing as packing_ops
 from tunesmith.data.formats import detect_format, normalize_example, with_system_prompt
-from tunesmith.data.sources import describe_source, load_source
+from tunesmith.data.sources import describe_source, file_notes, load_source
 
 logger = logging.getLogger("tunesmith.data")
 
@@ -84,12 +84,16 @@ class DataStats:
     cache_path: str | None = None
     seconds: float = 0.0
     streaming: bool = False
+    read_notes: list = field(
+        default_factory=list
+    )  # how the file was read: a byte-order mark, CRLF (sources.file_notes)
 
     def summary(self) -> str:
         """A few lines for the log and the CLI."""
         lines = [f"data: {self.source} ({self.format})" + (", streaming" if self.streaming else "")]
         if self.cache_hit:
             lines.append(f"  reused from cache {self.cache_path}")
+        lines += [f"  read: {note}" for note in self.read_notes]
         counted = " so far" if self.streaming else ""
         lines.append(f"  examples: {self.examples_in} in, {self.examples_out} out{counted}")
         if self.truncated:
@@ -216,6 +220,7 @@ def prepare_dataset(
         "system_prompt": system_prompt,
     }
     stats = DataStats(source=describe_source(source), max_length=max_length, streaming=streaming)
+    stats.read_notes = file_notes(source)
     if skip:
         dataset = load_source(source, split=split, streaming=streaming, **dataset_kwargs)
         stats.format = "skipped (dataset_kwargs.skip_prepare_dataset)"
