@@ -21,6 +21,7 @@ def test_the_expected_configs_are_shipped():
         "full-finetune.yaml",
         "fsdp-multi-gpu.yaml",
         "deepspeed-zero3.yaml",
+        "qwen2-vl-lora.yaml",
     }
 
 
@@ -33,6 +34,13 @@ def test_config_loads_and_validates(path):
 
 
 def test_config_values_mean_what_the_files_say():
+    vlm, _, _ = read_run_config(CONFIGS / "qwen2-vl-lora.yaml")
+    assert (vlm.use_peft, vlm.lora_target_modules, vlm.lora_vision_tower, vlm.lora_train_projector) == (
+        True,
+        None,
+        False,
+        False,
+    )
     qlora, _, _ = read_run_config(CONFIGS / "qwen-qlora-4bit.yaml")
     assert (qlora.model_quantization, qlora.use_peft, qlora.lora_r) == ("4bit", True, 16)
     full, _, _ = read_run_config(CONFIGS / "full-finetune.yaml")

@@ -270,7 +270,11 @@ def _evaluation_sections(trainer) -> list[str]:
 
 def _prepare(config, source, split, tokenizer):
     from tunesmith.data.pipeline import prepare_dataset
+    from tunesmith.data.vision import is_processor, prepare_vision_dataset
     from tunesmith.trainer import pipeline_kwargs
+
+    if is_processor(tokenizer):  # a vision-language model: what the trainer would prepare
+        return prepare_vision_dataset(_load_source(source, split), tokenizer, max_length=config.max_length)
 
     kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
     return prepare_dataset(_load_source(source, split), tokenizer, **kwargs)
@@ -286,8 +290,13 @@ def _prepare_mixture(config, tokenizer):
 
 
 def _tokenizer_for(config):
+    """The model's tokenizer, or its processor for a vision-language model."""
     from tunesmith.models.load import load_tokenizer
+    from tunesmith.models.vision import image_text_class, load_processor
 
+    name = _check_model(config.model_name_or_path)
+    if config.model_gguf_file is None and image_text_class(name, trust_remote_code=config.trust_remote_code):
+        return load_processor(name, trust_remote_code=config.trust_remote_code)
     return load_tokenizer(
         _check_model(config.model_name_or_path),
         trust_remote_code=config.trust_remote_code,
@@ -341,6 +350,8 @@ def cmd_inspect(args) -> int:
     else:
         prepared = _prepare(config, source, split, tokenizer)
     color = sys.stdout.isatty() and not args.no_color
+    if hasattr(prepared, "rows"):  # vision data (data.vision.VisionDataset)
+        return _inspect_vision(prepared, tokenizer, args.num, color)
     legend = (
         f"{_TRAINED}trained{_RESET} / {_MASKED}masked{_RESET}"
         if color
@@ -365,11 +376,50 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _inspect_vision(prepared, processor, num: int, color: bool) -> int:
+    from tunesmith.data.vision import render_row
+
+    tokenizer = processor.tokenizer
+    legend = (
+        f"{_TRAINED}trained{_RESET} / {_MASKED}masked{_RESET}"
+        if color
+        else "[[trained]] tokens are in double brackets; the rest is masked (label -100)"
+    )
+    shown = min(num, len(prepared))
+    print(f"{len(prepared)} rows; showing {shown}. {legend}; images are never trained\n")
+    for i in range(shown):
+        row = prepared[i]
+        print(
+            f"--- row {i}: {row['length']} tokens, of which {row['image_tokens']} for {len(row['images'])} image(s)"
+        )
+        print(
+            render_row(processor, row, lambda ids, labels: render_tokens(tokenizer, ids, labels, color=color))
+        )
+        print()
+    print(prepared.stats.summary())
+    return 0
+
+
+def _images(args, tokenizer):
+    """The --image files as generate()'s images argument (None without any); checked here."""
+    if not args.image:
+        return None
+    if not hasattr(tokenizer, "image_processor"):
+        raise UsageError(f"{args.model}: --image needs a vision-language model; this one reads text only")
+    for path in args.image:
+        if not Path(path).is_file():
+            raise UsageError(f"--image {path}: no such file")
+    return [list(args.image)]
+
+
 def cmd_generate(args) -> int:
     from tunesmith.generation import generate
 
     _apply_threads()
     model, tokenizer = _load_for_generation(args.model)
+    images = _images(args, tokenizer)
+    if images and args.raw:
+        raise UsageError("--image and --raw do not go together: images are placed by the chat template")
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]
@@ -380,6 +430,7 @@ def cmd_generate(args) -> int:
         [prompt],
         max_new_tokens=args.max_new_tokens,
         chat_template_kwargs=_template_kwargs(args),
+        images=images,
         **_sampling(args.temperature),
     )
     print(text)
@@ -391,6 +442,7 @@ def cmd_chat(args) -> int:
 
     _apply_threads()
     model, tokenizer = _load_for_generation(args.model)
+    images = _images(args, tokenizer)  # shown with the first user message of the conversation
     if not tokenizer.chat_template:
         raise UsageError(f"{args.model}: the tokenizer has no chat template; use `tunesmith generate --raw`")
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -414,6 +466,7 @@ def cmd_chat(args) -> int:
             [history],
             max_new_tokens=args.max_new_tokens,
             chat_template_kwargs=template_kwargs,
+            images=images,
             **_sampling(args.temperature),
         )
         history.append({"role": "assistant", "content": reply})
@@ -480,9 +533,11 @@ def _sampling(temperature: float) -> dict:
 
 
 def _load_for_generation(path: str):
-    """(model, tokenizer) from an adapter folder (base + adapter), a model folder, a .gguf or `default`."""
+    """(model, tokenizer) from an adapter folder (base + adapter), a model folder, a .gguf or `default`;
+    a vision-language model comes with its processor in place of the tokenizer."""
     from tunesmith.export import is_adapter_dir
     from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.models.vision import image_text_class, load_processor
 
     if is_adapter_dir(path):
         import json
@@ -491,9 +546,17 @@ def _load_for_generation(path: str):
 
         base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         has_tokenizer = (Path(path) / "tokenizer_config.json").exists()
-        tokenizer = load_tokenizer(path if has_tokenizer else base)
+        if image_text_class(base):
+            has_processor = any(
+                (Path(path) / f).exists() for f in ("processor_config.json", "preprocessor_config.json")
+            )
+            tokenizer = load_processor(path if has_processor else base)
+        else:
+            tokenizer = load_tokenizer(path if has_tokenizer else base)
         return PeftModel.from_pretrained(load_model(base), path).eval(), tokenizer
     name = _check_model(path)
+    if not name.endswith(".gguf") and image_text_class(name):
+        return load_model(name).eval(), load_processor(name)
     return load_model(name).eval(), load_tokenizer(name)
 
 
@@ -588,6 +651,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompt", required=True)
             p.add_argument("--raw", action="store_true", help="do not apply the chat template")
         p.add_argument("--system", help="system message")
+        p.add_argument(
+            "--image",
+            action="append",
+            default=[],
+            metavar="PATH",
+            help="an image for a vision-language model (repeat for several; shown with the first message)",
+        )
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         p.add_argument(

@@ -238,6 +238,21 @@ class SFTConfig(TrainingArguments):
         default=None,
         metadata=_help("Modules trained in full next to the adapter, e.g. [embed_tokens, lm_head].", "lora"),
     )
+    lora_vision_tower: bool = field(
+        default=False,
+        metadata=_help(
+            "Vision-language models: also add LoRA to the vision tower's linear layers (default: language model only).",
+            "lora",
+        ),
+    )
+    lora_train_projector: bool = field(
+        default=False,
+        metadata=_help(
+            "Vision-language models: train the projector between vision tower and language model in full "
+            "(default: frozen).",
+            "lora",
+        ),
+    )
 
     # ---- data (TRL's SFT fields) ----
     dataset_text_field: str = field(

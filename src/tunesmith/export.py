@@ -42,6 +42,33 @@ def _load_tokenizer(*folders: Path):
     raise ExportError(f"no tokenizer found in {', '.join(str(f) for f in folders)}")
 
 
+def _load_processor(adapter_dir: Path, base_dir: Path, base: str):
+    """A VLM's processor from the adapter folder (the trainer saves it there) or the base model."""
+    from tunesmith.models.vision import load_processor
+
+    for folder in (adapter_dir, base_dir):
+        if any((folder / name).exists() for name in ("processor_config.json", "preprocessor_config.json")):
+            return load_processor(folder)
+    return load_processor(base)
+
+
+def _refuse_vision(model_dir: Path) -> None:
+    """export --gguf writes Llama text models: a vision-language model is refused, not cut to its text part."""
+    config_file = model_dir / "config.json"
+    if is_adapter_dir(model_dir):
+        base = json.loads((model_dir / _ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+        config_file = Path(base) / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    if config.get("vision_config") is not None:
+        raise ExportError(
+            f"{model_dir} is a vision-language model ({config.get('model_type', 'unknown type')}); GGUF export "
+            "here writes text-only Llama models and would drop the vision tower. Use llama.cpp's "
+            "convert_hf_to_gguf.py (with --mmproj for the vision part) on a merged folder (tunesmith merge)"
+        )
+
+
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfloat16") -> Path:
     """Merge a LoRA adapter into its base model and save it as `dtype` safetensors + tokenizer.
 
@@ -78,7 +105,12 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfl
     try:
         model.save_pretrained(staged, safe_serialization=True)
         base_dir = Path(base) if Path(base).exists() else adapter_dir
-        _load_tokenizer(adapter_dir, base_dir).save_pretrained(staged)
+        from tunesmith.models.vision import is_vision_model
+
+        if is_vision_model(model):  # the processor (tokenizer + image processor + template) goes with it
+            _load_processor(adapter_dir, base_dir, base).save_pretrained(staged)
+        else:
+            _load_tokenizer(adapter_dir, base_dir).save_pretrained(staged)
         publish_files(staged, output_dir)
     except Exception as err:
         shutil.rmtree(staged, ignore_errors=True)
@@ -226,6 +258,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, type: str = "f16
     if type not in GGUF_TYPES:
         raise ExportError(f"unknown GGUF type {type!r}; choose one of {', '.join(GGUF_TYPES)}")
     model_dir, out_file = Path(model_dir), Path(out_file)
+    _refuse_vision(model_dir)
     if is_adapter_dir(model_dir):
         with tempfile.TemporaryDirectory(prefix="tunesmith-merge-") as merged:
             # merge in float32 so the only rounding is the GGUF type's own

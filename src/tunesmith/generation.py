@@ -14,6 +14,7 @@ def generate(
     max_new_tokens: int = 128,
     do_sample: bool = False,
     chat_template_kwargs: dict | None = None,
+    images=None,
     **kwargs,
 ) -> list[str]:
     """Continuations (new text only, special tokens removed) for each prompt.
@@ -26,17 +27,51 @@ def generate(
         generate(model, tok, ["The capital of France is"], max_new_tokens=3)  -> [" Paris."]
         generate(model, tok, [{"role": "user", "content": "Hi"}])             -> ["Hello!"]
 
+    A vision-language model takes its processor as `tokenizer` and `images`: per prompt a list of
+    images (PIL images or paths), placed where the messages hold `{"type": "image"}` parts, or at the
+    start of the first user turn when they hold none (as in training).
+
+        generate(vlm, processor, [{"role": "user", "content": "What is it?"}], images=[["cat.png"]])
+
     Prompts run one at a time (no padding, so the output is exactly what the model gives each
     prompt alone). The model's train/eval mode is restored afterwards.
     """
     items = _as_list(prompts_or_messages)
+    processor = tokenizer if hasattr(tokenizer, "image_processor") else None
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if images is not None and processor is None:
+        raise ValueError("generate: images need the model's processor (AutoProcessor) as `tokenizer`")
+    if images is not None and len(images) != len(items):
+        raise ValueError(
+            f"generate: {len(items)} prompt(s) but images for {len(images)}; give one list per prompt"
+        )
     kwargs.setdefault("eos_token_id", stop_token_ids(model, tokenizer))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     outputs = []
     try:
-        for item in items:
+        for k, item in enumerate(items):
+            if processor is not None and not isinstance(item, str) and not torch.is_tensor(item):
+                from tunesmith.data.vision import generation_inputs
+
+                inputs = generation_inputs(
+                    processor, item, images[k] if images is not None else [], chat_template_kwargs
+                )
+                inputs = {name: value.to(device) for name, value in inputs.items()}
+                with torch.no_grad():
+                    generated = model.generate(
+                        **inputs,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=do_sample,
+                        pad_token_id=tokenizer.pad_token_id
+                        if tokenizer.pad_token_id is not None
+                        else tokenizer.eos_token_id,
+                        **kwargs,
+                    )
+                prompt_length = inputs["input_ids"].shape[1]
+                outputs.append(tokenizer.decode(generated[0, prompt_length:], skip_special_tokens=True))
+                continue
             if isinstance(item, str):
                 input_ids = tokenizer(item, return_tensors="pt").input_ids
             elif torch.is_tensor(item):  # token ids, already rendered (generate_from_ids)

@@ -66,6 +66,13 @@ _FORWARD_KEYS = (
     "cu_seq_lens_k",
     "max_length_q",
     "max_length_k",
+    # vision-language batches (data.vision.VisionCollator): whatever the family's processor gives the model
+    "pixel_values",
+    "pixel_attention_mask",
+    "image_grid_thw",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
 )
 
 # Padding-free batches on the CPU are padded to a multiple of this many tokens (see
@@ -74,6 +81,8 @@ CPU_PAD_TO_MULTIPLE_OF = 64
 
 # Columns of a prepared dataset that the collators read (Trainer drops any other column).
 _DATASET_COLUMNS = ["input_ids", "labels", "seq_lengths", "example_index", "attention_mask", "position_ids"]
+# ... and the rows of a prepared vision dataset (data.vision.VisionDataset)
+_VISION_ROW_COLUMNS = ["text", "text_ids", "trained", "images", "image_sizes", "length", "image_tokens"]
 
 
 class SFTTrainer(Trainer):
@@ -153,7 +162,7 @@ class SFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         if not skip_prepare:
-            self._signature_columns = list(_DATASET_COLUMNS)
+            self._signature_columns = list(_DATASET_COLUMNS) + list(_VISION_ROW_COLUMNS)
         self.nonfinite_guard = NonFiniteLossGuard()
         self._step_rows: list[int] = []
         self._signal_stop = SignalCheckpointCallback()
@@ -767,7 +776,12 @@ def _prepare_model(model, args: SFTConfig, peft_config):
         from tunesmith.models.adapters import apply_lora
 
         if peft_config is not None:
-            model = apply_lora(model, peft_config)
+            model = apply_lora(
+                model,
+                peft_config,
+                vision_tower=args.lora_vision_tower,
+                train_projector=args.lora_train_projector,
+            )
         else:
             model = apply_lora(
                 model,
@@ -776,6 +790,8 @@ def _prepare_model(model, args: SFTConfig, peft_config):
                 lora_dropout=args.lora_dropout,
                 target_modules=args.lora_target_modules or "all-linear",
                 modules_to_save=args.lora_modules_to_save,
+                vision_tower=args.lora_vision_tower,
+                train_projector=args.lora_train_projector,
             )
     if full_ft:
         _warn_if_16bit_full_finetune(model, args)
@@ -901,6 +917,13 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
     import datasets
 
     from tunesmith.data.pipeline import prepare_dataset
+    from tunesmith.data.vision import is_processor, prepare_vision_dataset
+
+    if is_processor(tokenizer):  # a vision-language model: images are processed per batch by the collator
+        _notice_vision_settings(args)
+        prepared = prepare_vision_dataset(dataset, tokenizer, max_length=args.max_length)
+        logger.debug("%s dataset: %s", name, prepared.stats)
+        return prepared
 
     kwargs = pipeline_kwargs(prepare_dataset, args, formatting_func, packing)
     # an IterableDataset is tokenized (and packed) lazily, as it streams
@@ -912,6 +935,20 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
         # carried through the collator so that a non-finite loss can name the rows that caused it
         data = data.add_column("example_index", list(range(len(data))))
     return data
+
+
+def _notice_vision_settings(args: SFTConfig) -> None:
+    """Vision data is padded per batch and trains on assistant turns (or the completion) only: say so once
+    when the config asks for something else, instead of ignoring it silently."""
+    ignored = []
+    if args.packing:
+        ignored.append("packing=True (vision examples are padded per batch by the processor, not packed)")
+    if args.train_on_inputs or args.completion_only_loss is False or args.assistant_only_loss is False:
+        ignored.append("training on prompts (vision data trains on assistant turns / the completion only)")
+    if args.padding_free:
+        ignored.append("padding_free=True (the processor pads each batch)")
+    if ignored:
+        notice_once("vision_settings", "vision-language data: ignoring " + "; ".join(ignored))
 
 
 def pipeline_kwargs(prepare_dataset, args: SFTConfig, formatting_func, packing: bool) -> dict[str, Any]:
@@ -934,7 +971,11 @@ def _default_collator(model, tokenizer, args: SFTConfig):
     """Padding-free (exact, only faster) unless `padding_free=False`; padding-free batches get
     per-document attention so that flattened or packed documents never see each other."""
     from tunesmith.data.collate import PaddedCollator, PaddingFreeCollator
+    from tunesmith.data.vision import VisionCollator, is_processor
 
+    if is_processor(tokenizer):
+        # the processor pads and batches the pixel tensors as the family's model expects
+        return VisionCollator(tokenizer, args.pad_to_multiple_of)
     if args.padding_free is False:
         if args.packing:
             logger.warning(
@@ -967,7 +1008,26 @@ def _no_batch_dispatch_for_streams(args: SFTConfig, *datasets_) -> None:
 
 
 def _prepare_tokenizer(tokenizer, model, args: SFTConfig):
-    """The given tokenizer, or the model's; with a pad token and the configured chat template."""
+    """The given tokenizer, or the model's; with a pad token and the configured chat template. A
+    vision-language model gets its processor (`AutoProcessor`), whose tokenizer is set up the same way."""
+    from tunesmith.data.vision import is_processor
+    from tunesmith.models.vision import is_vision_model
+
+    if tokenizer is None and is_vision_model(model):
+        from tunesmith.models.vision import load_processor
+
+        tokenizer = load_processor(_model_name(model), trust_remote_code=args.trust_remote_code)
+    if is_processor(tokenizer):
+        _set_pad_token(tokenizer.tokenizer, args)
+        if args.chat_template is not None or args.chat_template_path is not None:
+            from tunesmith.data.templates import resolve_chat_template
+
+            tokenizer.chat_template = resolve_chat_template(
+                tokenizer.tokenizer,
+                chat_template=args.chat_template,
+                chat_template_path=args.chat_template_path,
+            )
+        return tokenizer
     if tokenizer is None:
         from tunesmith.models.load import load_tokenizer
 
@@ -1074,6 +1134,10 @@ def _prepare_eval_one(dataset, tokenizer, args, formatting_func, packing, name):
     columns = getattr(dataset, "column_names", None) or []
     if {"input_ids", "seq_lengths"} <= set(columns):
         return dataset  # prepared already (by this trainer's constructor or prepare_dataset)
+    from tunesmith.data.vision import VisionDataset
+
+    if isinstance(dataset, VisionDataset):
+        return dataset
     return _prepare(dataset, tokenizer, args, formatting_func, packing, name)
 
 

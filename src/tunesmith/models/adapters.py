@@ -79,6 +79,8 @@ def apply_lora(
     bias="none",
     use_rslora=False,
     init_lora_weights=True,
+    vision_tower=False,
+    train_projector=False,
     **lora_kwargs,
 ):
     """Wrap `model` in a PEFT LoRA model.
@@ -88,6 +90,10 @@ def apply_lora(
     the decoder layers, never the LM head. `modules_to_save=["embed_tokens", "lm_head"]` trains full
     copies of those; with tied embeddings the two copies stay tied. lora_alpha None means alpha = r.
     A 4-bit / 8-bit model is prepared with `prepare_kbit_model` first.
+
+    On a vision-language model "all-linear" means the language model's linear layers only (the vision
+    tower and projector stay frozen); `vision_tower=True` adds the tower's, `train_projector=True` trains
+    the projector in full (`models.vision`).
     """
     from peft import get_peft_model
 
@@ -103,6 +109,7 @@ def apply_lora(
         init_lora_weights=init_lora_weights,
         **lora_kwargs,
     )
+    _vision_targets(model, config, vision_tower, train_projector)
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     saved = set(config.modules_to_save or ())
     if tied and set(EMBEDDING_NAMES) <= saved:
@@ -121,6 +128,25 @@ def apply_lora(
         trainable_summary(peft_model),
     )
     return peft_model
+
+
+def _vision_targets(model, config, vision_tower: bool, train_projector: bool) -> None:
+    """On a VLM: "all-linear" -> the language model's linear layers (+ the vision tower's), projector saved."""
+    from tunesmith.models.vision import is_vision_model, lora_targets, projector_names
+
+    if not is_vision_model(model):
+        if vision_tower or train_projector:
+            raise ValueError(
+                "lora_vision_tower / lora_train_projector apply to vision-language models only; "
+                f"{type(model).__name__} has no vision tower"
+            )
+        return
+    if config.target_modules == "all-linear" or config.target_modules == {"all-linear"}:
+        config.target_modules = set(lora_targets(model, vision_tower=vision_tower))
+    elif vision_tower:
+        config.target_modules = set(config.target_modules) | set(lora_targets(model, vision_tower=True))
+    if train_projector:
+        config.modules_to_save = sorted(set(config.modules_to_save or ()) | set(projector_names(model)))
 
 
 def _cast_output(dtype):

@@ -386,7 +386,13 @@ def load_model(
         kwargs["device_map"] = device_map
 
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
+    auto_class = AutoModelForCausalLM
+    if gguf_file is None and not str(source).endswith(".gguf"):
+        from tunesmith.models.vision import image_text_class
+
+        # a vision-language checkpoint loads as AutoModelForImageTextToText (vision tower included)
+        auto_class = image_text_class(source, trust_remote_code=trust_remote_code, **hub_kwargs) or auto_class
+    model = auto_class.from_pretrained(
         source,
         dtype=torch_dtype,
         trust_remote_code=trust_remote_code,

@@ -225,6 +225,9 @@ def _device_type(model: nn.Module) -> str:
 
 def _model_type(model: nn.Module) -> str:
     config = getattr(model, "config", None)
+    if getattr(config, "vision_config", None) is not None and hasattr(config, "get_text_config"):
+        # a vision-language model: the modules we know are its language model's (LLaVA's is a Llama)
+        config = config.get_text_config()
     return getattr(config, "model_type", None) or type(model).__name__
 
 
