@@ -1,0 +1,64 @@
+"""Merge a LoRA adapter into its base model: the first step of every export from an adapter folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tunesmith.export.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+_ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True for a PEFT adapter folder (it holds `adapter_config.json`)."""
+    return (Path(path) / _ADAPTER_CONFIG).is_file()
+
+
+def _load_tokenizer(*folders: Path):
+    """The tokenizer saved in the first folder that has one (adapter folders usually do)."""
+    from transformers import AutoTokenizer
+
+    for folder in folders:
+        if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(folder)
+    raise ExportError(f"no tokenizer found in {', '.join(str(f) for f in folders)}")
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfloat16") -> Path:
+    """Merge a LoRA adapter into its base model and save it as `dtype` safetensors + tokenizer.
+
+    The merge happens in float32 (W + B @ A * scale) and is cast to `dtype` once at the end, so
+    rounding is that of a single cast. Returns `output_dir`.
+    """
+    import torch
+    from peft import PeftModel
+
+    from tunesmith.models.load import load_model
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    if not is_adapter_dir(adapter_dir):
+        raise ExportError(
+            f"{adapter_dir} is not a LoRA adapter folder (no {_ADAPTER_CONFIG}); "
+            "a full model needs no merge: load it directly or pass it to `tunesmith export`"
+        )
+    base = json.loads((adapter_dir / _ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ExportError(f"{adapter_dir / _ADAPTER_CONFIG} names no base_model_name_or_path")
+    if not Path(base).exists():
+        logger.info("base model %s is not a local folder; loading it by name", base)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+    # tunesmith's loader: the same sources as training (folders, GGUF, `default`), safetensors only
+    model = load_model(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    model.to(torch_dtype)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    base_dir = Path(base) if Path(base).exists() else adapter_dir
+    _load_tokenizer(adapter_dir, base_dir).save_pretrained(output_dir)
+    logger.info("merged %s into %s (%s) -> %s", adapter_dir, base, torch_dtype, output_dir)
+    return output_dir
