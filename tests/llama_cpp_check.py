@@ -36,6 +36,9 @@ def load(path, *, vocab_only=False, n_ctx=512, logits_all=False):
         n_threads=1,
         n_batch=n_ctx,
         logits_all=logits_all,
+        # float32 KV cache (GGML_TYPE_F32 = 0): the default f16 cache would round every key and value
+        type_k=0,
+        type_v=0,
         verbose=False,
         seed=0,
     )

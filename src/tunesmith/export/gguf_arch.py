@@ -148,7 +148,7 @@ def write_hparams(writer, config, family: Family) -> None:
 
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
-    uses_window = bool(window) and layer_types is not None and "sliding_attention" in layer_types
+    uses_window = bool(window) and (layer_types is None or "sliding_attention" in layer_types)
     if family.arch in ("gemma2", "gemma3"):
         _check_gemma_attention_scale(config, family)
         if getattr(config, "attn_logit_softcapping", None):
@@ -157,7 +157,10 @@ def write_hparams(writer, config, family: Family) -> None:
             writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
         if uses_window:
             writer.add_sliding_window(int(window))
-            writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+            if (
+                layer_types is not None
+            ):  # else llama.cpp's own pattern for the arch (Gemma 2: 1 in 2, 3: 5 in 6)
+                writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
         elif family.arch == "gemma3":
             writer.add_sliding_window(0)  # gemma3: 0 = every layer attends to everything
     elif family.arch == "phi3":

@@ -194,7 +194,7 @@ def add_bpe_tokenizer(writer, tokenizer, vocab_size: int, *, pre_tokenizer: str 
             f"a gpt2-style GGUF vocabulary needs a BPE tokenizer; this one is {model.get('type')}"
         )
     pre = pre_tokenizer or tokenizer_pre_name(tokenizer)
-    size = max(vocab_size, max(vocab.values()) + 1)
+    size = _checked_size(vocab, vocab_size)
     # llama.cpp expects one entry per embedding row; rows with no token get a placeholder
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
@@ -211,6 +211,19 @@ def add_bpe_tokenizer(writer, tokenizer, vocab_size: int, *, pre_tokenizer: str 
     writer.add_token_merges(merges)
     _add_specials_and_template(writer, tokenizer)
     return pre
+
+
+def _checked_size(vocab: dict[str, int], vocab_size: int) -> int:
+    """One token entry per embedding row (rows without a token get a placeholder, as llama.cpp's
+    converter writes them); a token id past the last row is an error: llama.cpp refuses such a file."""
+    beyond = sorted((i, t) for t, i in vocab.items() if i >= vocab_size)
+    if beyond:
+        raise ExportError(
+            f"the tokenizer has {len(beyond)} token(s) with ids past the model's {vocab_size} embedding rows "
+            f"(e.g. {beyond[0][1]!r} = {beyond[0][0]}); resize the embeddings to the tokenizer "
+            "(model.resize_token_embeddings(len(tokenizer))) and train them, or remove the tokens"
+        )
+    return vocab_size
 
 
 def _add_specials_and_template(writer, tokenizer) -> None:
@@ -256,7 +269,7 @@ def add_spm_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = tokenizer.get_vocab()
-    size = max(vocab_size, max(vocab.values()) + 1)
+    size = _checked_size(vocab, vocab_size)
     tokens = [f"[PAD{i}]" for i in range(size)]
     scores = [-1e9] * size
     types = [gguf.TokenType.UNUSED] * size
