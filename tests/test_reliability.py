@@ -231,25 +231,26 @@ def test_a_full_disk_during_a_checkpoint_names_the_folder_and_keeps_the_last_one
 
 def test_a_failed_gguf_export_leaves_the_old_file(tmp_path, monkeypatch):
     from tests.test_export import build_llama, build_tokenizer
-    from tunesmith import export
+    from tunesmith.export import export_gguf, gguf_file
 
     tok = build_tokenizer(tmp_path / "model")
     build_llama(tmp_path / "model", tok)
     out = tmp_path / "model.gguf"
-    export.export_gguf(tmp_path / "model", out)
+    export_gguf(tmp_path / "model", out)
     good = out.read_bytes()
-    real = export._write_gguf
+    real = gguf_file._write
 
-    def dies_halfway(writer, *a, **k):
-        real(writer, *a, **k)
-        with open(writer.path, "r+b") as f:  # torn: half the file written when the process died
+    def dies_halfway(model_dir, partial, *a, **k):
+        real(model_dir, partial, *a, **k)
+        with open(partial, "r+b") as f:  # torn: half the file written when the process died
             f.truncate(len(good) // 2)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "_write_gguf", dies_halfway)
+    monkeypatch.setattr(gguf_file, "_write", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        export.export_gguf(tmp_path / "model", out)
-    assert out.read_bytes() == good and not (tmp_path / "model.gguf.partial").exists()
+        export_gguf(tmp_path / "model", out)
+    # the old file, whole, and nothing else left beside it (the temporary folder is gone)
+    assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.gguf"]
 
 
 def test_a_nan_gradient_with_a_finite_loss_stops_before_its_update_naming_the_batch(tmp_path):

@@ -6,7 +6,7 @@
     tunesmith generate MODEL --prompt TEXT          from an adapter folder or a model
     tunesmith chat MODEL                            a conversation on stdin
     tunesmith merge ADAPTER --output DIR            LoRA merged into 16-bit safetensors
-    tunesmith export MODEL --gguf FILE [--type]     a GGUF file (f16, bf16, q8_0)
+    tunesmith export MODEL --gguf FILE [--type] [--ollama DIR]   GGUF (+ Ollama Modelfile)
     tunesmith doctor [--json]                       device, versions, and a check of every Triton kernel
 
 The YAML file is SFTConfig's serialised form (see `tunesmith.config`) plus one section the CLI
@@ -487,9 +487,32 @@ def cmd_export(args) -> int:
     from tunesmith.export import export_gguf
 
     _need_folder(args.model)
+    if args.gguf is None and args.ollama is None:
+        raise UsageError("export: give --gguf FILE, --ollama DIR, or both")
     _apply_threads()
-    out = export_gguf(args.model, args.gguf, type=args.type)
-    print(f"GGUF ({args.type}) written to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    gguf = (
+        Path(args.gguf)
+        if args.gguf
+        else Path(args.ollama) / f"{Path(args.model).resolve().name}-{args.type}.gguf"
+    )
+    out = export_gguf(
+        args.model, gguf, type=args.type, pre_tokenizer=args.pre_tokenizer, max_shard_size=args.max_shard_size
+    )
+    shards = (
+        sorted(out.parent.glob(out.name.replace("-00001-of-", "-*-of-")))
+        if "-00001-of-" in out.name
+        else [out]
+    )
+    size = sum(p.stat().st_size for p in shards) / 2**20
+    where = f"{out} (+ {len(shards) - 1} more shards)" if len(shards) > 1 else str(out)
+    print(f"GGUF ({args.type}) written to {where} ({size:.1f} MiB)")
+    print(f"  run it in llama.cpp: llama-cli -m {out} -cnv   (or llama-server -m {out})")
+    if args.ollama:
+        from tunesmith.export.ollama import write_modelfile
+
+        modelfile = write_modelfile(args.model, args.ollama, out)
+        print(f"Ollama Modelfile written to {modelfile}")
+        print(f"  run it in Ollama: ollama create my-model -f {modelfile} && ollama run my-model")
     return 0
 
 
@@ -674,10 +697,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="write a model or adapter folder as one GGUF file (llama architecture)")
+    from tunesmith.export.gguf_file import GGUF_TYPES
+
+    p = sub.add_parser(
+        "export",
+        help="write a model or adapter folder as GGUF (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) "
+        "and an Ollama Modelfile",
+    )
     p.add_argument("model")
-    p.add_argument("--gguf", required=True, help="output .gguf file")
-    p.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0"))
+    p.add_argument("--gguf", help="output .gguf file (default with --ollama: DIR/NAME-TYPE.gguf)")
+    p.add_argument(
+        "--type",
+        default="f16",
+        choices=GGUF_TYPES,
+        help="f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 written directly; q4_k_m q5_k_m q6_k by llama.cpp's "
+        "quantizer (pip install 'tunesmith[gguf]')",
+    )
+    p.add_argument("--ollama", metavar="DIR", help="also write DIR/Modelfile (chat template, stop tokens)")
+    p.add_argument("--max-shard-size", help="split the GGUF into shards of at most this size, e.g. 2GB")
+    p.add_argument("--pre-tokenizer", help="llama.cpp's pre-tokenizer name, if the one detected is wrong")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
