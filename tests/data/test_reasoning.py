@@ -413,3 +413,16 @@ def test_cli_generation_reads_the_runs_template_kwargs(tmp_path):
     args.chat_template_kwargs = "{nope"
     with pytest.raises(UsageError, match="--chat-template-kwargs: not valid JSON"):
         _template_kwargs(args)
+
+
+def test_reasoning_and_answer_reads_content_parts():
+    # vision data keeps content as a list of parts; the answer is the text of its text parts (images
+    # have none), and an inline think block is found there too
+    from tunesmith.data.templates import reasoning_and_answer
+
+    parts = [{"type": "image"}, {"type": "text", "text": "a red "}, {"type": "text", "text": "square"}]
+    assert reasoning_and_answer({"role": "assistant", "content": parts}) == (None, "a red square")
+    with_reasoning = {"role": "assistant", "content": parts, "reasoning_content": "it has four sides"}
+    assert reasoning_and_answer(with_reasoning) == ("it has four sides", "a red square")
+    inline = [{"type": "text", "text": "<think>corners</think>square"}]
+    assert reasoning_and_answer({"role": "assistant", "content": inline}) == ("corners", "square")

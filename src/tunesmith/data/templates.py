@@ -459,6 +459,10 @@ def reasoning_and_answer(message: dict) -> tuple[str | None, str]:
         ('2+2 is 4', '\n4')
     """
     content = message.get("content") or ""
+    if not isinstance(content, str):  # content parts (vision data): the answer is their text
+        content = "".join(
+            p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
     reasoning = message.get("reasoning_content")
     if reasoning is not None and reasoning.strip():
         return reasoning, content
