@@ -224,7 +224,7 @@ def format_report(report: dict) -> str:
     lines.append(f"kernels    Triton {k['triton'] or 'not installed'}; {k['mode']}")
     for check in k["checks"]:
         status = "passed" if check["passed"] else "FAILED"
-        shape = ", ".join(check["shape_class"])
+        shape = check["shape"]
         line = f"           {status}  {check['op']} ({shape})  {check['seconds']:.2f} s"
         lines.append(line + (f"  {check['error']}" if check["error"] else ""))
     packages = " · ".join(f"{name} {v}" for name, v in report["packages"].items() if v)
