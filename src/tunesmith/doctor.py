@@ -145,7 +145,12 @@ def _kernels(check: bool) -> dict:
 
     env = os.environ.get("TUNESMITH_KERNELS")
     out: dict = {"triton": _version("triton"), "TUNESMITH_KERNELS": env, "checks": []}
-    if kernels_disabled():
+    try:
+        disabled = kernels_disabled()
+    except ValueError as err:  # a value training would stop at
+        out["mode"] = f"error: {err}"
+        return out
+    if disabled:
         out["mode"] = "off: TUNESMITH_KERNELS turns the Triton kernels off; the PyTorch versions run"
         return out
     if not triton_installed():
