@@ -100,6 +100,7 @@ def kernel_ok(op: str, shape_class: tuple, device: torch.device, run: Callable[[
     `run()` now, in its own thread (it raises when the kernel fails). Inside torch.compile tracing or
     CUDA graph capture nothing can be checked: the PyTorch path runs, and the check happens at the
     next eager call."""
+    device = _with_index(device)
     key = (op, shape_class, str(device))
     result = _RESULTS.get(key)
     if result is not None:
@@ -126,6 +127,13 @@ def kernel_ok(op: str, shape_class: tuple, device: torch.device, run: Callable[[
     else:
         _warn(result, device)
     return result.passed
+
+
+def _with_index(device: torch.device) -> torch.device:
+    # "cuda" and "cuda:0" are one device: one cache entry
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _in_own_thread(run: Callable[[], None], device: torch.device) -> None:
@@ -242,13 +250,13 @@ def check_shapes(
         ("linear_cross_entropy", (x, lm_weight),
          linear_cross_entropy._check(device, vocab, dtype, dtype, None, None, False, True, "sum")),
     ]  # fmt: skip
-    keys = []
+    done = []
     for op, tensors, check in wanted:
-        if use_triton("auto", op, *tensors, check=check):
-            keys.append((op, check[0], str(device)))
-        elif (op, check[0], str(device)) in _RESULTS:
-            keys.append((op, check[0], str(device)))
-    return [_RESULTS[key] for key in keys]
+        use_triton("auto", op, *tensors, check=check)  # runs the check where "auto" may use the kernel
+        key = (op, check[0], str(_with_index(device)))
+        if key in _RESULTS:
+            done.append(_RESULTS[key])
+    return done
 
 
 # ---------------------------------------------------------------- comparisons and inputs
