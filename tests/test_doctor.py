@@ -46,6 +46,8 @@ def test_tunesmith_kernels_off_is_reported(capsys, monkeypatch):
     assert (
         report["kernels"]["mode"].startswith("off: TUNESMITH_KERNELS") and report["kernels"]["checks"] == []
     )
+    monkeypatch.setenv("TUNESMITH_KERNELS", "of")  # what training would stop at, reported
+    assert doctor.collect()["kernels"]["mode"].startswith("error: TUNESMITH_KERNELS='of' is not understood")
 
 
 @pytest.fixture

@@ -145,7 +145,12 @@ def _kernels(check: bool) -> dict:
 
     env = os.environ.get("TUNESMITH_KERNELS")
     out: dict = {"triton": _version("triton"), "TUNESMITH_KERNELS": env, "checks": []}
-    if kernels_disabled():
+    try:
+        disabled = kernels_disabled()
+    except ValueError as err:  # a value training would stop at
+        out["mode"] = f"error: {err}"
+        return out
+    if disabled:
         out["mode"] = "off: TUNESMITH_KERNELS turns the Triton kernels off; the PyTorch versions run"
         return out
     if not triton_installed():
@@ -224,7 +229,7 @@ def format_report(report: dict) -> str:
     lines.append(f"kernels    Triton {k['triton'] or 'not installed'}; {k['mode']}")
     for check in k["checks"]:
         status = "passed" if check["passed"] else "FAILED"
-        shape = ", ".join(check["shape_class"])
+        shape = check["shape"]
         line = f"           {status}  {check['op']} ({shape})  {check['seconds']:.2f} s"
         lines.append(line + (f"  {check['error']}" if check["error"] else ""))
     packages = " · ".join(f"{name} {v}" for name, v in report["packages"].items() if v)

@@ -320,3 +320,17 @@ def test_triton_kernels_is_a_config_key_in_the_kernels_section(tmp_path):
     assert load_config(None, ["triton_kernels=false"]).triton_kernels is False
     cfg = load_config(None)
     assert cfg.triton_kernels is True and cfg.to_yaml_dict()["kernels"]["triton_kernels"] is True
+
+
+def test_a_tunesmith_kernels_value_we_do_not_know_is_an_error(monkeypatch):
+    from tunesmith.ops.apply import optimize
+
+    for value in ("off", "OFF", "0", "false", "none"):
+        monkeypatch.setenv("TUNESMITH_KERNELS", value)
+        assert _triton.kernels_disabled() is True, value
+    for value in ("", "on", "auto", "1"):
+        monkeypatch.setenv("TUNESMITH_KERNELS", value)
+        assert _triton.kernels_disabled() is False, value
+    monkeypatch.setenv("TUNESMITH_KERNELS", "of")  # a typo must not mean "on"
+    with pytest.raises(ValueError, match="TUNESMITH_KERNELS='of' is not understood: set it to off"):
+        optimize(tiny_model("llama"))

@@ -30,12 +30,22 @@ IMPLS = ("auto", "reference", "torch", "triton")
 # warning. Never set outside tests.
 AUTO_ON_INTERPRETER = False
 
-_OFF_VALUES = ("off", "0", "false", "no", "none", "reference", "torch")
+_OFF_VALUES = ("off", "0", "false", "no", "none")
+_ON_VALUES = ("", "on", "auto", "1", "true", "yes")
 
 
 def kernels_disabled() -> bool:
-    """True when the environment turns the Triton kernels off: `TUNESMITH_KERNELS=off`."""
-    return os.environ.get("TUNESMITH_KERNELS", "").strip().lower() in _OFF_VALUES
+    """True when the environment turns the Triton kernels off: `TUNESMITH_KERNELS=off` (unset or
+    `on`: they run where they can). Any other value is an error, not a silent "on"."""
+    value = os.environ.get("TUNESMITH_KERNELS", "").strip().lower()
+    if value in _OFF_VALUES:
+        return True
+    if value not in _ON_VALUES:
+        raise ValueError(
+            f"TUNESMITH_KERNELS={os.environ['TUNESMITH_KERNELS']!r} is not understood: set it to off (no Triton "
+            "kernels) or on (the default: each kernel used after it passes its check), or unset it"
+        )
+    return False
 
 
 def triton_installed() -> bool:

@@ -300,6 +300,7 @@ def optimize(
     """
     if impl not in IMPLS:
         raise ValueError(f"optimize: impl={impl!r} is not one of {', '.join(IMPLS)}")
+    kernels_disabled()  # a TUNESMITH_KERNELS value we do not understand stops here, before training
     device = _device_type(model)
     report = OptimizeReport(model_type=_model_type(model), device=device, impl=impl)
     log = logger.info if verbose else logger.debug

@@ -46,6 +46,31 @@ _ROWS = 37
 _CE_HIDDEN = 16  # the loss kernel works on (rows, V) logits; H only feeds the matmul before it
 
 
+# what each part of an op's shape class is (the tuples the ops build in their `_check`)
+SHAPE_FIELDS = {
+    "rms_norm": ("hidden", "x", "weight", "casting", "offset"),
+    "glu": ("intermediate", "gate", "up", "activation", "strided"),
+    "apply_rope": ("heads", "kv_heads", "head_dim", "rotary", "q", "k", "cos", "tables"),
+    "linear_cross_entropy": ("vocab", "hidden", "weight", "bias", "softcap", "dft", "entropy", "per_token"),
+}
+
+
+def describe_shape_class(op: str, shape_class: tuple) -> str:
+    """`(40, torch.bfloat16, ...)` -> "hidden=40 x=bf16 ..." (for warnings and `tunesmith doctor`)."""
+
+    def text(value) -> str:
+        if isinstance(value, torch.dtype):
+            return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
+                value, str(value)
+            )
+        return str(value)
+
+    names = SHAPE_FIELDS.get(op, ())
+    if len(names) != len(shape_class):
+        return ", ".join(text(v) for v in shape_class)
+    return " ".join(f"{name}={text(v)}" for name, v in zip(names, shape_class))
+
+
 class KernelMismatch(AssertionError):
     """The kernel's output or gradient differs from the reference beyond the tolerance."""
 
@@ -62,6 +87,7 @@ class CheckResult:
     def as_dict(self) -> dict:
         out = asdict(self)
         out["shape_class"] = [str(part) for part in self.shape_class]
+        out["shape"] = describe_shape_class(self.op, self.shape_class)
         return out
 
 
@@ -74,6 +100,7 @@ def kernel_ok(op: str, shape_class: tuple, device: torch.device, run: Callable[[
     `run()` now, in its own thread (it raises when the kernel fails). Inside torch.compile tracing or
     CUDA graph capture nothing can be checked: the PyTorch path runs, and the check happens at the
     next eager call."""
+    device = _with_index(device)
     key = (op, shape_class, str(device))
     result = _RESULTS.get(key)
     if result is not None:
@@ -91,11 +118,22 @@ def kernel_ok(op: str, shape_class: tuple, device: torch.device, run: Callable[[
     _RESULTS[key] = result
     if result.passed:
         logger.info(
-            "tunesmith: Triton %s %s passed its check on %s (%.2f s)", op, shape_class, device, result.seconds
+            "tunesmith: Triton %s (%s) passed its check on %s (%.2f s)",
+            op,
+            describe_shape_class(op, shape_class),
+            device,
+            result.seconds,
         )
     else:
         _warn(result, device)
     return result.passed
+
+
+def _with_index(device: torch.device) -> torch.device:
+    # "cuda" and "cuda:0" are one device: one cache entry
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _in_own_thread(run: Callable[[], None], device: torch.device) -> None:
@@ -129,7 +167,7 @@ def _in_own_thread(run: Callable[[], None], device: torch.device) -> None:
 def _warn(result: CheckResult, device: torch.device) -> None:
     message = (
         f"tunesmith: the Triton {result.op} kernel failed its check on {describe_device(device)} "
-        f"({versions_line()}) for shape class {result.shape_class}: {result.error}. "
+        f"({versions_line()}) at {describe_shape_class(result.op, result.shape_class)}: {result.error}. "
         f"{result.op} runs its PyTorch version for the rest of this process (same results, less speed); "
         "please report this with `tunesmith doctor --json`. TUNESMITH_KERNELS=off turns every Triton kernel off."
     )
@@ -212,13 +250,13 @@ def check_shapes(
         ("linear_cross_entropy", (x, lm_weight),
          linear_cross_entropy._check(device, vocab, dtype, dtype, None, None, False, True, "sum")),
     ]  # fmt: skip
-    keys = []
+    done = []
     for op, tensors, check in wanted:
-        if use_triton("auto", op, *tensors, check=check):
-            keys.append((op, check[0], str(device)))
-        elif (op, check[0], str(device)) in _RESULTS:
-            keys.append((op, check[0], str(device)))
-    return [_RESULTS[key] for key in keys]
+        use_triton("auto", op, *tensors, check=check)  # runs the check where "auto" may use the kernel
+        key = (op, check[0], str(_with_index(device)))
+        if key in _RESULTS:
+            done.append(_RESULTS[key])
+    return done
 
 
 # ---------------------------------------------------------------- comparisons and inputs
@@ -428,6 +466,7 @@ __all__ = [
     "check_shapes",
     "compare",
     "describe_device",
+    "describe_shape_class",
     "kernel_ok",
     "reset",
     "results",
