@@ -413,3 +413,26 @@ def test_cli_generation_reads_the_runs_template_kwargs(tmp_path):
     args.chat_template_kwargs = "{nope"
     with pytest.raises(UsageError, match="--chat-template-kwargs: not valid JSON"):
         _template_kwargs(args)
+
+
+@pytest.mark.parametrize(
+    ("template", "rule", "expected"),
+    [
+        (STRIP, "last", ["four<|im_end|>", "<think>\nthree and three make six\n</think>\n\nsix<|im_end|>"]),
+        (STRIP, "none", ["four<|im_end|>", "six<|im_end|>"]),
+        (KEEP, "all", ["<think>\ntwo and two make four\n</think>\nfour<|im_end|>",
+                       "<think>\nthree and three make six\n</think>\nsix<|im_end|>"]),
+    ],
+)  # fmt: skip
+def test_trained_spans_on_the_real_smollm2_tokenizer(smollm2_tokenizer, template, rule, expected):
+    # byte-level BPE merges whitespace with what follows; the spans must still fall on the right tokens
+    tok = smollm2_tokenizer
+    out = tokenize_example(messages_example(TWO_TURNS), tok, chat_template=template, train_on_reasoning=rule)
+    runs, current = [], []
+    for token, label in zip(out["input_ids"], out["labels"]):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    assert runs + ([tok.decode(current)] if current else []) == expected
