@@ -436,3 +436,17 @@ def test_trained_spans_on_the_real_smollm2_tokenizer(smollm2_tokenizer, template
             runs.append(tok.decode(current))
             current = []
     assert runs + ([tok.decode(current)] if current else []) == expected
+
+
+def test_template_kwargs_column_from_a_jsonl_file(tmp_path):
+    # through Arrow: the column is a struct, null on the row without it
+    from tunesmith.data.pipeline import prepare_dataset
+
+    plain = [{"role": "user", "content": "what is two plus two"}, {"role": "assistant", "content": "four"}]
+    path = tmp_path / "kwargs.jsonl"
+    rows = [{"messages": plain, "chat_template_kwargs": {"enable_thinking": False}}, {"messages": plain}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepared = prepare_dataset(str(path), tokenizer(), chat_template=STRIP, cache_dir=False)
+    assert prepared.stats.format == "messages"
+    # row 0: "four <|im_end|>" (the empty think block is prompt); row 1: "<think> </think> four <|im_end|>"
+    assert [sum(label != -100 for label in row["labels"]) for row in prepared.dataset] == [2, 4]
