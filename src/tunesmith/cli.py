@@ -332,7 +332,7 @@ def cmd_inspect(args) -> int:
         if data.train == QUICKSTART_DATA:
             data.train = None
         source, split = data.train, data.split
-        if source is None:
+        if source is None and not config.datasets:
             from tunesmith.quickstart import make_splits
 
             source = make_splits(num_train=200, num_heldout=1).train  # the built-in task's data

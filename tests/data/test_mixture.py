@@ -264,3 +264,17 @@ def test_cli_preprocess_prints_a_line_per_source(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "run.yaml"), "-n", "1", "--no-color"]) == 0
     out = capsys.readouterr().out
     assert "4 rows; showing 1." in out and "data: mixture of 2 sources, 4 examples" in out
+
+
+def test_a_source_has_its_own_template_kwargs(tmp_path):
+    from .test_reasoning import STRIP
+
+    plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(plain) + "\n")
+    tok = word_tokenizer(extra_words=["<think>", "</think>"])
+    sources = [{"path": str(path), "name": "think"},
+               {"path": str(path), "name": "plain", "chat_template_kwargs": {"enable_thinking": False}}]  # fmt: skip
+    mixture = prepare_mixture(sources, tok, chat_template=STRIP, cache_dir=False)
+    # thinking on: the empty block trains with the answer; off: it is part of the prompt
+    assert sorted(s.supervised_tokens for s in mixture.stats.sources) == [2, 4]

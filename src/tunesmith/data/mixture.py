@@ -58,8 +58,9 @@ class DatasetSource:
     """One entry of a `datasets:` list. `path`: a file, folder or Hub name (or, in Python, a Dataset or
     a list of rows); `name`: the label in summaries and metrics (`eval_<name>_loss`; default from the
     path); `format`: dataset_format for this source; `columns`: {source column: new name};
-    `system_prompt`: the system message of conversations that have none. One of `weight`, `fraction`,
-    `max_examples` (see the module docstring); `eval` / `eval_split` / `eval_examples`: its eval set."""
+    `system_prompt`: the system message of conversations that have none; `chat_template_kwargs`: template
+    variables for this source (over the config's). One of `weight`, `fraction`, `max_examples` (see the
+    module docstring); `eval` / `eval_split` / `eval_examples`: its eval set."""
 
     path: Any
     name: str | None = None
@@ -73,6 +74,7 @@ class DatasetSource:
     eval: Any = None
     eval_split: str | None = None
     eval_examples: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # over the config's, for this source's examples
 
 
 SOURCE_KEYS = tuple(f.name for f in dataclasses.fields(DatasetSource))
@@ -339,6 +341,11 @@ def prepare_mixture(sources, tokenizer, *, seed: int = 42, packing=False, packin
 def _source_options(source: DatasetSource, options: dict, split) -> dict:
     out = dict(options)
     out.update(split=split, column_mapping=source.columns, system_prompt=source.system_prompt)
+    if source.chat_template_kwargs:
+        out["chat_template_kwargs"] = {
+            **(options.get("chat_template_kwargs") or {}),
+            **source.chat_template_kwargs,
+        }
     if source.format is not None:
         out["dataset_format"] = source.format
     return out
