@@ -50,8 +50,9 @@ VARIANTS = {
 }
 
 
-def build(folder, variant):
-    overrides = dict(VARIANTS[variant])
+def build(folder, variant, **extra):
+    """(model, tokenizer as the folder loads it) of `variant`, `extra` config fields on top."""
+    overrides = {"initializer_range": 0.2, **VARIANTS[variant], **extra}
     arch = overrides.pop("arch", variant)
     tokenizer = tiny_bpe_tokenizer(real_texts(40), vocab_size=400)
     model = tiny_model(
@@ -62,7 +63,6 @@ def build(folder, variant):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=None,
-        initializer_range=0.2,
         **overrides,
     )
     torch.manual_seed(1)

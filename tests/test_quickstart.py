@@ -92,6 +92,10 @@ def test_run_quickstart_wiring_on_a_tiny_model(tmp_path, monkeypatch):
     text = result.report.read_text()
     assert "| exact match | 0.0% |" in text and "## Sample generations" in text
     assert "| exact match | 0.0% |" in "\n".join(lines)  # the table printed on the console
+    # the report and the console say how to run the result in Ollama and llama.cpp
+    run_dir = tmp_path / "run"
+    assert f"`tunesmith export {run_dir} --ollama {run_dir}/ollama --type q8_0`" in text
+    assert f"`llama-cli -m {run_dir}/ollama/run-q8_0.gguf -cnv`" in "\n".join(lines)
     for name in ("adapter_config.json", "checkpoint-2", "metrics.jsonl", "loss.png", "tunesmith_config.yaml"):
         assert (tmp_path / "run" / name).exists(), name
 
