@@ -47,6 +47,29 @@ VARIANTS = {
         },
     ),
     "phi3": {},
+    # long-context rope: Phi-3's per-frequency factors (the text is longer than the original context,
+    # so the long factors apply) and Qwen2.5's YaRN
+    "phi3-longrope": dict(
+        arch="phi3",
+        max_position_embeddings=128,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "original_max_position_embeddings": 32,
+            "long_factor": [1.0 + 0.5 * i for i in range(8)],
+            "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        },
+    ),
+    "qwen2-yarn": dict(
+        arch="qwen2",
+        max_position_embeddings=128,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
 }
 
 
