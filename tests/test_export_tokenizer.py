@@ -179,7 +179,7 @@ def prose_and_code():
     return [t for t in real_texts(150) if "<|im_start|>" not in t]
 
 
-def sentencepiece_style_tokenizer(folder):
+def sentencepiece_style_tokenizer(folder, *, prepend=True):
     """A tokenizer.json as transformers converts SentencePiece ones (Llama 2, Mistral v0.x): BPE over
     text whose spaces are '▁' with one in front, byte fallback to <0x00>..<0xFF> for characters it
     lacks, trained here on the repository's texts (rare characters left out, so the fallback is used)."""
@@ -188,7 +188,9 @@ def sentencepiece_style_tokenizer(folder):
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    # Llama 2 / Mistral put '▁' in front of the text; Gemma does not
+    steps = [normalizers.Prepend("\u2581")] if prepend else []
+    bpe.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
     bpe.pre_tokenizer = pt.Metaspace(replacement="\u2581", prepend_scheme="never")  # training only
     trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=90)
     bpe.train_from_iterator(prose_and_code(), trainer)
@@ -220,20 +222,22 @@ def sentencepiece_style_tokenizer(folder):
     return tokenizer
 
 
-def test_llama_cpp_tokenizes_like_a_sentencepiece_style_tokenizer(tmp_path):
+@pytest.mark.parametrize("prepend", [True, False], ids=["llama2-style", "gemma-style"])
+def test_llama_cpp_tokenizes_like_a_sentencepiece_style_tokenizer(tmp_path, prepend):
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
     from tests.tiny import tiny_model
 
     need_llama_cpp()
-    trained = sentencepiece_style_tokenizer(tmp_path / "model")
+    trained = sentencepiece_style_tokenizer(tmp_path / "model", prepend=prepend)
     model = tiny_model("llama", vocab_size=len(trained), bos_token_id=1, eos_token_id=2, pad_token_id=None)
     model.save_pretrained(tmp_path / "model")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
     out = export_gguf(tmp_path / "model", tmp_path / "model.gguf", type="f16")
     fields = GGUFReader(str(out)).fields
     assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    assert bool(fields["tokenizer.ggml.add_space_prefix"].parts[-1][0]) is prepend
     llm = load(out, vocab_only=True)
     texts = prose_and_code()
     assert len(texts) >= 200
