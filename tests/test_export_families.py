@@ -1,5 +1,5 @@
 """Every supported family, exported as f32 GGUF and run by llama.cpp: the logits of a 40-token text equal
-transformers' to 1e-4 of the largest logit (float32 throughout, KV cache included, so the only
+transformers' to 1e-4 of the largest logit (3e-4 for Gemma, see below) (float32 throughout, KV cache included, so the only
 difference is summation order). Tiny random models with random norms and features that change the
 result when written wrong: GQA (Q and K permuted differently), sliding windows shorter than the text,
 logit soft-capping that bites, rope scaling, Qwen's q/k/v biases, Qwen3's and Gemma 3's q/k norms."""
@@ -138,4 +138,7 @@ def test_llama_cpp_logits_equal_transformers(tmp_path, variant):
     got = llama_cpp_logits(llm, ids)
     llm.close()
     rel = np.abs(got - expected).max() / np.abs(expected).max()
-    assert rel < 1e-4, f"{variant}: relative logit error {rel:.2e}"
+    # Gemma: an activation on an f16 rounding boundary of ggml's GELU table may land one f16 step
+    # away from the reference's (measured up to 1.02e-4); a misplaced tensor gives O(1)
+    tolerance = 3e-4 if variant.startswith("gemma") else 1e-4
+    assert rel < tolerance, f"{variant}: relative logit error {rel:.2e}"

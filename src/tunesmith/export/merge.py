@@ -28,11 +28,18 @@ def _load_tokenizer(*folders: Path):
     raise ExportError(f"no tokenizer found in {', '.join(str(f) for f in folders)}")
 
 
-def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfloat16") -> Path:
+def merge_adapter(
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    dtype="bfloat16",
+    max_shard_size: str | int | None = None,
+) -> Path:
     """Merge a LoRA adapter into its base model and save it as `dtype` safetensors + tokenizer.
 
     The merge happens in float32 (W + B @ A * scale) and is cast to `dtype` once at the end, so
-    rounding is that of a single cast. Returns `output_dir`.
+    rounding is that of a single cast. `max_shard_size` ("5GB"): safetensors shards of at most this
+    size (transformers' default when None). Returns `output_dir`.
     """
     import torch
     from peft import PeftModel
@@ -57,7 +64,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfl
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model.to(torch_dtype)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(output_dir, safe_serialization=True, **shards)
     base_dir = Path(base) if Path(base).exists() else adapter_dir
     _load_tokenizer(adapter_dir, base_dir).save_pretrained(output_dir)
     logger.info("merged %s into %s (%s) -> %s", adapter_dir, base, torch_dtype, output_dir)
