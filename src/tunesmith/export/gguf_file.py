@@ -185,7 +185,8 @@ def _export_with_llama_cpp(
         ) from error
     import json
 
-    dtype = json.loads((model_dir / "config.json").read_text()).get("dtype") or "float32"
+    saved = json.loads((model_dir / "config.json").read_text())
+    dtype = saved.get("dtype") or saved.get("torch_dtype") or "float32"  # the key before transformers 5
     # the source of the quantizer keeps the model's own precision (a float32 merge stays float32)
     source_type = {"bfloat16": "bf16", "float16": "f16"}.get(str(dtype).replace("torch.", ""), "f32")
 
