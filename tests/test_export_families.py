@@ -142,3 +142,30 @@ def test_llama_cpp_logits_equal_transformers(tmp_path, variant):
     # away from the reference's (measured up to 1.02e-4); a misplaced tensor gives O(1)
     tolerance = 3e-4 if variant.startswith("gemma") else 1e-4
     assert rel < tolerance, f"{variant}: relative logit error {rel:.2e}"
+
+
+@pytest.mark.parametrize("variant", ["qwen3", "gemma3", "phi3"])
+def test_export_straight_from_an_adapter_folder(tmp_path, variant):
+    """LoRA on every linear layer (random B, so the adapter matters), saved as an adapter folder and
+    exported in one call: llama.cpp's logits equal those of base + adapter in transformers."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    need_llama_cpp()
+    base, tokenizer = build(tmp_path / "base", variant)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    torch.manual_seed(2)
+    peft_model = get_peft_model(loaded, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = export_gguf(tmp_path / "adapter", tmp_path / "model.gguf", type="f32")
+    merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32), tmp_path / "adapter"
+    ).merge_and_unload()
+    ids = tokenizer(TEXT)["input_ids"]
+    expected = reference_logits(merged.eval(), ids)
+    assert np.abs(expected - reference_logits(base, ids)).max() / np.abs(expected).max() > 0.05
+    llm = load(out, n_ctx=64, logits_all=True)
+    got = llama_cpp_logits(llm, ids)
+    llm.close()
+    rel = np.abs(got - expected).max() / np.abs(expected).max()
+    assert rel < (3e-4 if variant.startswith("gemma") else 1e-4), f"{variant}: {rel:.2e}"
