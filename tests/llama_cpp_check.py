@@ -79,3 +79,32 @@ def real_texts(limit_per_kind: int = 150) -> list[str]:
         lines = path.read_text().splitlines(keepends=True)
         code += ["".join(lines[i : i + 25]) for i in range(0, len(lines), 25)]
     return chats + prose[:limit_per_kind] + code[:limit_per_kind]
+
+
+def llama_cpp_greedy(llm, ids: list[int], *, max_new_tokens: int, stop_ids) -> list[int]:
+    """Greedy continuation of `ids` in llama.cpp: argmax of the last logits, until a stop id."""
+    llm.reset()
+    llm.eval(ids)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if token in stop_ids:
+            break
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def transformers_greedy(model, ids: list[int], *, max_new_tokens: int, stop_ids) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=list(stop_ids),
+            pad_token_id=next(iter(stop_ids)),
+        )[0, len(ids) :].tolist()
+    return [t for t in out if t not in stop_ids]

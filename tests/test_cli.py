@@ -95,6 +95,15 @@ def test_train_generate_merge_export_and_load_back(tiny_run, capsys, monkeypatch
     # bf16 weights are exact in f16 unless tiny (below f16's normal range), so the logits agree closely
     assert (got - expected).abs().max() / expected.abs().max() < 1e-3
 
+    # straight from the adapter folder to GGUF + Ollama Modelfile, and the lines that say how to run them
+    code, out, err = run_cli(capsys, "export", run, "--ollama", tmp / "ollama", "--type", "q8_0")
+    assert code == 0, err
+    gguf = tmp / "ollama" / "run-q8_0.gguf"
+    assert gguf.exists() and (tmp / "ollama" / "Modelfile").read_text().startswith("# Written by tunesmith")
+    assert f"llama-cli -m {gguf}" in out and "ollama create" in out
+    code, out, err = run_cli(capsys, "export", run)
+    assert code == 2 and "give --gguf FILE, --ollama DIR, or both" in err
+
 
 CONFIG_ERRORS = [
     # (YAML line, override, the message the user sees)

@@ -240,3 +240,31 @@ def test_merge_and_export_refuse_with_a_reason(tmp_path):
         ExportError, match=r"does not support the 'gpt2' architecture; supported: gemma, gemma2, "
     ):
         export_gguf(tmp_path / "gpt2", tmp_path / "gpt2.gguf")
+
+
+def test_merge_into_safetensors_shards(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer(tmp_path / "base")
+    build_llama(tmp_path / "base", tok)
+    peft_model = get_peft_model(
+        base_without_adapter(tmp_path / "base"),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merge_adapter(tmp_path / "adapter", tmp_path / "whole", dtype="float32")
+    merge_adapter(tmp_path / "adapter", tmp_path / "sharded", dtype="float32", max_shard_size="100KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) >= 3 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole", dtype=torch.float32).eval()
+    sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.float32).eval()
+    assert torch.equal(logits(whole, tok), logits(sharded, tok))
+    # and the GGUF of a sharded folder holds the same tensors as that of the whole one, byte for byte
+    from gguf import GGUFReader
+
+    a = GGUFReader(str(export_gguf(tmp_path / "whole", tmp_path / "a.gguf", type="q8_0"))).tensors
+    b = GGUFReader(str(export_gguf(tmp_path / "sharded", tmp_path / "b.gguf", type="q8_0"))).tensors
+    assert [(t.name, t.tensor_type, t.data.tobytes()) for t in a] == [
+        (t.name, t.tensor_type, t.data.tobytes()) for t in b
+    ]

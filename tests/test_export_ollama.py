@@ -145,3 +145,29 @@ def test_write_modelfile_beside_the_gguf(tmp_path, default_tokenizer):
     # a GGUF elsewhere is named by its absolute path
     elsewhere = write_modelfile(folder, tmp_path / "other", tmp_path / "out" / "model.gguf")
     assert parse(elsewhere.read_text())["from"] == str((tmp_path / "out" / "model.gguf").resolve())
+
+
+GEMMA2_STYLE = (  # the shape of Gemma 1/2's own template: no system role at all
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def test_a_template_without_system_role_leaves_system_messages_out(default_tokenizer):
+    tokenizer = copy.deepcopy(default_tokenizer)
+    tokenizer.chat_template = GEMMA2_STYLE
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
+        replace_extra_special_tokens=False,
+    )
+    parsed = parse(modelfile("./m.gguf", tokenizer, context_length=4096))
+    for messages in CONVERSATIONS:
+        if messages[0]["role"] == "system":  # Jinja refuses these; Ollama's request goes without it
+            assert ollama_render(parsed, messages) == ollama_render(parsed, messages[1:])
+            continue
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ollama_render(parsed, messages) == expected
+    assert ("stop", '"<end_of_turn>"') in parsed["params"]

@@ -171,3 +171,84 @@ def test_llama_cpp_tokenizes_like_each_supported_pre_tokenizer(tmp_path, name):
         if llama_cpp_tokens(llm, text) != tokenizer(text, add_special_tokens=False)["input_ids"]
     ]
     assert not differ, f"{name}: {len(differ)} of {len(texts)} texts differ, e.g. {texts[differ[0]]!r}"
+
+
+def prose_and_code():
+    # no chatml markers: trained without them as special tokens, the BPE would learn pieces that
+    # span "<|im_end|>\n<|im_start|>", which llama.cpp (which knows those names) splits apart
+    return [t for t in real_texts(150) if "<|im_start|>" not in t]
+
+
+def sentencepiece_style_tokenizer(folder, *, prepend=True):
+    """A tokenizer.json as transformers converts SentencePiece ones (Llama 2, Mistral v0.x): BPE over
+    text whose spaces are '▁' with one in front, byte fallback to <0x00>..<0xFF> for characters it
+    lacks, trained here on the repository's texts (rare characters left out, so the fallback is used)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from tokenizers import pre_tokenizers as pt
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # Llama 2 / Mistral put '▁' in front of the text; Gemma does not
+    steps = [normalizers.Prepend("\u2581")] if prepend else []
+    bpe.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+    bpe.pre_tokenizer = pt.Metaspace(replacement="\u2581", prepend_scheme="never")  # training only
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=90)
+    bpe.train_from_iterator(prose_and_code(), trainer)
+    spec = json.loads(bpe.to_str())
+    spec["pre_tokenizer"] = None  # as in Llama 2's tokenizer.json: pieces may start with '▁' only
+    spec["decoder"] = json.loads(
+        decoders.Sequence(
+            [
+                decoders.Replace("\u2581", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
+        ).__getstate__()
+    )
+    vocab = spec["model"]["vocab"]
+    ordered = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    ordered += [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in ordered]
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(ordered)}
+    for added in spec["added_tokens"]:
+        added["id"] = spec["model"]["vocab"][added["content"]]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+@pytest.mark.parametrize("prepend", [True, False], ids=["llama2-style", "gemma-style"])
+def test_llama_cpp_tokenizes_like_a_sentencepiece_style_tokenizer(tmp_path, prepend):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from tests.tiny import tiny_model
+
+    need_llama_cpp()
+    trained = sentencepiece_style_tokenizer(tmp_path / "model", prepend=prepend)
+    model = tiny_model("llama", vocab_size=len(trained), bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    out = export_gguf(tmp_path / "model", tmp_path / "model.gguf", type="f16")
+    fields = GGUFReader(str(out)).fields
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    assert bool(fields["tokenizer.ggml.add_space_prefix"].parts[-1][0]) is prepend
+    llm = load(out, vocab_only=True)
+    texts = prose_and_code()
+    assert len(texts) >= 200
+    # the fallback is exercised: some text has a character the vocabulary spells in bytes
+    assert any(
+        tokenizer.convert_ids_to_tokens(i).startswith("<0x") for t in texts for i in tokenizer(t)["input_ids"]
+    )
+    differ = [
+        i
+        for i, text in enumerate(texts)
+        if llama_cpp_tokens(llm, text) != tokenizer(text, add_special_tokens=False)["input_ids"]
+    ]
+    llm.close()
+    assert not differ, f"{len(differ)} of {len(texts)} texts differ, e.g. {texts[differ[0]]!r}"

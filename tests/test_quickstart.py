@@ -93,6 +93,10 @@ def test_run_quickstart_wiring_on_a_tiny_model(tmp_path, monkeypatch):
     text = result.report.read_text()
     assert "| exact match | 0.0% |" in text and "## Sample generations" in text
     assert "| exact match | 0.0% |" in "\n".join(lines)  # the table printed on the console
+    # the report and the console say how to run the result in Ollama and llama.cpp
+    run_dir = tmp_path / "run"
+    assert f"`tunesmith export {run_dir} --ollama {run_dir}/ollama --type q8_0`" in text
+    assert f"`llama-cli -m {run_dir}/ollama/run-q8_0.gguf -cnv`" in "\n".join(lines)
     # the generation metric during training: before the first step and at the last (eval_generation)
     during = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
               if "eval_exact_match" in r]  # fmt: skip

@@ -478,7 +478,7 @@ def cmd_merge(args) -> int:
 
     _need_folder(args.adapter)
     _apply_threads()
-    out = merge_adapter(args.adapter, args.output, dtype=args.dtype)
+    out = merge_adapter(args.adapter, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"merged model written to {out}")
     return 0
 
@@ -695,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--output", required=True, help="folder for the merged model")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--max-shard-size", help="safetensors shards of at most this size, e.g. 5GB")
     p.set_defaults(func=cmd_merge)
 
     from tunesmith.export.gguf_file import GGUF_TYPES

@@ -16,6 +16,7 @@ import datetime as dt
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 INSTRUCTION = "Write this date in ISO format (YYYY-MM-DD):"
 # A short system turn: it replaces SmolLM2's 19-token default one (fewer tokens per step), and it
@@ -173,6 +174,21 @@ def threads_for_a_busy_cpu(out=print) -> int | None:
     return 1
 
 
+def run_elsewhere(output_dir) -> list[str]:
+    """How to run the trained adapter in llama.cpp and Ollama: the report's last notes.
+
+    >>> run_elsewhere("runs/quickstart")[0]
+    'Run it in Ollama: `tunesmith export runs/quickstart --ollama runs/quickstart/ollama --type q8_0`, then `ollama create dates -f runs/quickstart/ollama/Modelfile && ollama run dates`'
+    """
+    folder = f"{output_dir}/ollama"
+    gguf = f"{folder}/{Path(output_dir).name}-q8_0.gguf"  # the name `export --ollama` gives it
+    return [
+        f"Run it in Ollama: `tunesmith export {output_dir} --ollama {folder} --type q8_0`, then "
+        f"`ollama create dates -f {folder}/Modelfile && ollama run dates`",
+        f"Run it in llama.cpp: the same export writes `{gguf}`; `llama-cli -m {gguf} -cnv` (or `llama-server -m ...`)",
+    ]
+
+
 def run_quickstart(
     overrides: Sequence[str] = (),
     *,
@@ -276,6 +292,7 @@ def run_quickstart(
             f"{len(trainer.generation_eval.sets['eval'])} held-out dates): "
             + ", ".join(f"step {step}: {value:.0%}" for step, value in during)
         )
+    notes += run_elsewhere(config.output_dir)
     from tunesmith.evaluation import report_sections
 
     report = write_report(
@@ -300,4 +317,6 @@ def run_quickstart(
         )
     )
     out(f"\n{minutes:.1f} minutes. Adapter, metrics, plots and report.md in {config.output_dir}")
+    for line in run_elsewhere(config.output_dir):
+        out(f"  {line}")
     return QuickstartResult(before, after, before_any, after_any, report)

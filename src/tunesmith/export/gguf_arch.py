@@ -138,6 +138,16 @@ def write_hparams(writer, config, family: Family) -> None:
         if family.arch != "phi3":
             raise ExportError(f"rope_type 'longrope' is written for phi3 only, not {family.model_type}")
         writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        # the attention factor Phi-3 uses: given, or from the context extension (as transformers does)
+        scale = config.max_position_embeddings / rope["original_max_position_embeddings"]
+        factor = rope.get("attention_factor")
+        if factor is None:
+            factor = (
+                math.sqrt(1 + math.log(scale) / math.log(rope["original_max_position_embeddings"]))
+                if scale > 1
+                else 1.0
+            )
+        writer.add_rope_scaling_attn_factors(float(factor))
     elif kind not in ("default", "llama3"):  # llama3: a rope_freqs tensor (extra_tensors)
         raise ExportError(
             f"rope_type {kind!r} ({family.model_type}) has no llama.cpp equivalent that tunesmith writes; "

@@ -144,15 +144,15 @@ def _atomic(out_file: Path, split: int, write) -> Path:
 
 def _write(model_dir: Path, out_file: Path, type: str, pre_tokenizer: str | None, split: int) -> None:
     import gguf
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunesmith.export.gguf_vocab import add_tokenizer
 
     config = AutoConfig.from_pretrained(model_dir)
     family = family_of(config.model_type)
-    # safetensors only, no remote code: the same rules as training
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    # safetensors only, no remote code: the same rules as training. In the saved dtype (a bf16 model
+    # is not held twice as large in float32); each tensor becomes float32 only when it is encoded.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True)
     state = model.state_dict()
 
     writer = gguf.GGUFWriter(str(out_file), family.arch, split_max_size=split)
@@ -192,7 +192,8 @@ def _export_with_llama_cpp(
         ) from error
     import json
 
-    dtype = json.loads((model_dir / "config.json").read_text()).get("dtype") or "float32"
+    saved = json.loads((model_dir / "config.json").read_text())
+    dtype = saved.get("dtype") or saved.get("torch_dtype") or "float32"  # the key before transformers 5
     # the source of the quantizer keeps the model's own precision (a float32 merge stays float32)
     source_type = {"bfloat16": "bf16", "float16": "f16"}.get(str(dtype).replace("torch.", ""), "f32")
 

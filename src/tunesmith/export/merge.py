@@ -57,11 +57,18 @@ def refuse_vision(model_dir: Path) -> None:
         )
 
 
-def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfloat16") -> Path:
+def merge_adapter(
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    dtype="bfloat16",
+    max_shard_size: str | int | None = None,
+) -> Path:
     """Merge a LoRA adapter into its base model and save it as `dtype` safetensors + tokenizer.
 
     The merge happens in float32 (W + B @ A * scale) and is cast to `dtype` once at the end, so
-    rounding is that of a single cast. Returns `output_dir`.
+    rounding is that of a single cast. `max_shard_size` ("5GB"): safetensors shards of at most this
+    size (transformers' default when None). Returns `output_dir`.
     """
     import torch
     from peft import PeftModel
@@ -92,7 +99,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfl
     # `output_dir` old or new, never torn
     staged = staging_dir(output_dir.parent, f"merge-{output_dir.name}")
     try:
-        model.save_pretrained(staged, safe_serialization=True)
+        shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(staged, safe_serialization=True, **shards)
         base_dir = Path(base) if Path(base).exists() else adapter_dir
         if is_vision_model(model):  # the processor (tokenizer + image processor + template) goes with it
             _load_processor(adapter_dir, base_dir, base).save_pretrained(staged)

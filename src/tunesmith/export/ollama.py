@@ -40,7 +40,9 @@ class ChatFormat:
     user: tuple[str, str]  # (prefix, suffix)
     assistant: tuple[str, str]
     system: tuple[str, str] | None  # None: the system message is joined to the first user message
-    system_join: str  # between a joined system message and the user's content
+    # between a joined system message and the user's content; None: the template refuses system
+    # messages (Gemma 1/2 raise on one), and the Go template leaves them out
+    system_join: str | None
     generation: str  # after the last user message: starts the answer
     default_system: str  # what the template puts in when there is no system message ("" for nothing)
 
@@ -58,7 +60,7 @@ class ChatFormat:
             last = i == len(messages) - 1
             if message["role"] == "user":
                 content = message["content"]
-                if system and self.system is None and not joined:
+                if system and self.system is None and self.system_join is not None and not joined:
                     content, joined = system + self.system_join + content, True
                 out += [self.user[0], content, self.user[1]]
                 if last and add_generation_prompt:
@@ -115,11 +117,22 @@ def _read(render) -> ChatFormat:
         raise ValueError(f"the first user turn starts differently ({head!r})")
     head = head[: len(head) - len(user_prefix)]
 
-    sys = render([{"role": "system", "content": _S}, *conv], False)
-    before_s, after_s = sys[: sys.index(_S)], _between(sys, _S, _U1)
-    if sys.index(_S) > sys.index(_U1):
-        raise ValueError("the system message comes after the first user message")
-    if before_s.endswith(user_prefix) and not after_s.endswith(user_prefix):
+    try:
+        sys = render([{"role": "system", "content": _S}, *conv], False)
+    except Exception as error:  # jinja's raise_exception: no system role at all
+        logger.warning(
+            "the chat template refuses a system message (%s); the Modelfile leaves them out", error
+        )
+        sys = None
+    if sys is None:
+        splits = [(head, None, None)]
+    else:
+        if sys.index(_S) > sys.index(_U1):
+            raise ValueError("the system message comes after the first user message")
+        before_s, after_s = sys[: sys.index(_S)], _between(sys, _S, _U1)
+    if sys is None:
+        pass
+    elif before_s.endswith(user_prefix) and not after_s.endswith(user_prefix):
         # joined to the first user message (Gemma, Mistral)
         splits = [(before_s[: len(before_s) - len(user_prefix)], None, after_s)]
     else:
@@ -172,6 +185,8 @@ def _check(fmt: ChatFormat, render) -> None:
         for gen in (True, False):
             if messages[-1]["role"] == "assistant" and gen:
                 continue
+            if fmt.system_join is None and messages[0]["role"] == "system":
+                continue  # the template refuses these
             expected, got = render(messages, gen), fmt.render(messages, add_generation_prompt=gen)
             if messages[-1]["role"] == "assistant":  # Ollama continues a last assistant message
                 got += fmt.assistant[1]
@@ -191,7 +206,7 @@ def go_template(fmt: ChatFormat, *, drop_start: str = "") -> str:
     start = fmt.start[len(drop_start) :] if drop_start and fmt.start.startswith(drop_start) else fmt.start
     last = "(eq (len (slice $.Messages $i)) 1)"
     parts = [g(start)]
-    if fmt.system is None:
+    if fmt.system is None and fmt.system_join is not None:
         parts.append('{{ $system := "" }}{{ $joined := false }}')
         parts.append(
             '{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
@@ -205,7 +220,7 @@ def go_template(fmt: ChatFormat, *, drop_start: str = "") -> str:
     else:
         parts.append('{{ if eq .Role "user" }}')
     parts.append(g(fmt.user[0]))
-    if fmt.system is None:
+    if fmt.system is None and fmt.system_join is not None:
         parts.append(
             f"{{{{ if and $system (not $joined) }}}}{{{{ $system }}}}{g(fmt.system_join)}{{{{ $joined = true }}}}{{{{ end }}}}"
         )
