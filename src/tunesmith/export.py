@@ -80,10 +80,10 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfl
         base_dir = Path(base) if Path(base).exists() else adapter_dir
         _load_tokenizer(adapter_dir, base_dir).save_pretrained(staged)
         publish_files(staged, output_dir)
-    except Exception as err:
+    except BaseException as err:  # also a KeyboardInterrupt: the half-written staging folder goes
         shutil.rmtree(staged, ignore_errors=True)
         _remove_empty(output_dir.parent / STAGING)
-        if is_disk_full(err):
+        if isinstance(err, Exception) and is_disk_full(err, output_dir.parent):
             needed = sum(p.numel() * p.element_size() for p in model.parameters())
             raise space_error(output_dir, "the merged model", needed, err) from None
         raise
@@ -263,7 +263,7 @@ def _write_llama_gguf(model_dir: Path, out_file: Path, type: str) -> Path:
         with atomic_file(out_file) as partial:
             _write_gguf(gguf.GGUFWriter(str(partial), "llama"), model_dir, config, state, type)
     except Exception as err:
-        if is_disk_full(err):
+        if is_disk_full(err, out_file.parent):
             raise space_error(out_file.parent, out_file.name, None, err) from None
         raise
     logger.info("wrote %s (%s, %d tensors)", out_file, type, len(state))
