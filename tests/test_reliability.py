@@ -433,3 +433,19 @@ def test_an_interrupted_merge_leaves_the_previous_merged_model(tmp_path, monkeyp
         merge_adapter(tmp_path / "adapter", tmp_path / "merged")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not (tmp_path / STAGING).exists()
+
+
+def test_a_resumed_run_rewrites_metrics_without_the_lost_steps_and_the_torn_line(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from tunesmith.report import METRICS_FILE, MetricsCallback, read_metrics
+
+    path = tmp_path / METRICS_FILE
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    path.write_text("\n".join(lines) + '\n{"step": 6, "lo')  # killed in the middle of step 6's line
+    callback = MetricsCallback(tmp_path, plots=False)
+    state = TrainerState()
+    state.global_step = 3  # resumed from checkpoint-3: steps 4-6 will be trained and logged again
+    callback.on_train_begin(args=None, state=state, control=TrainerControl())
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    assert path.read_text().endswith("\n")  # the next record starts a line of its own

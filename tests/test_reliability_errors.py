@@ -75,9 +75,17 @@ def test_a_column_mixing_text_and_numbers_names_the_line_where_it_changes(tmp_pa
     with pytest.raises(DataError) as err:
         load_source(str(data))
     assert str(err.value) == (
-        f"{data}:3: field 'completion' is a number here (6) but a string on line 1 ('4'); give every row's "
+        f"{data}:3: field 'completion' is a number here (6) but a string in line 1 ('4'); give every row's "
         "'completion' the same type (quote the numbers to make them text)"
     )
+    # the same in a JSON array file
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(rows))
+    with pytest.raises(
+        DataError,
+        match=r"d.json: element 2: field 'completion' is a number here \(6\) but a string in element 0",
+    ):
+        load_source(str(array))
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
