@@ -401,11 +401,12 @@ def _sampling(temperature: float) -> dict:
 def _load_for_generation(path: str):
     """(model, tokenizer) from an adapter folder (base + adapter), a model folder, a .gguf or `default`."""
     from tunesmith.export import is_adapter_dir
-    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.models.load import check_safetensors_files, load_model, load_tokenizer
 
     if is_adapter_dir(path):
         import json
 
+        check_safetensors_files(path)  # a torn adapter is named before the base model loads
         from peft import PeftModel
 
         base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]

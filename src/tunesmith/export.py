@@ -59,6 +59,9 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfl
             f"{adapter_dir} is not a LoRA adapter folder (no {_ADAPTER_CONFIG}); "
             "a full model needs no merge: load it directly or pass it to `tunesmith export`"
         )
+    from tunesmith.models.load import check_safetensors_files
+
+    check_safetensors_files(adapter_dir)  # a torn adapter is named before the base model loads
     base = json.loads((adapter_dir / _ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base:
         raise ExportError(f"{adapter_dir / _ADAPTER_CONFIG} names no base_model_name_or_path")
