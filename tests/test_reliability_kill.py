@@ -194,7 +194,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_curve(setup, point, limit, 
     assert f"resuming from {run / f'checkpoint-{resumed_from}'} (step {resumed_from})" in caplog.text
     curve = losses(run)
     assert sorted(curve) == list(range(1, 9))
-    for step in range(resumed_from + 1, 9):  # the steps trained again after the resume
+    # steps 1..N from the killed process, the rest from the resumed one: all equal the uninterrupted run
+    # (another process: the seed fixes LoRA's initialisation, so separate CLI runs agree from step 1)
+    for step in range(1, 9):
         assert curve[step] == pytest.approx(expected[step], abs=1e-6), (step, curve, expected)
     assert curve[8] < curve[1]  # the curve moved (a resume that restarted would still match nothing)
     assert not (run / STAGING).exists()  # the next save cleared the torn staging folder
