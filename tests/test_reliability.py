@@ -449,3 +449,21 @@ def test_a_resumed_run_rewrites_metrics_without_the_lost_steps_and_the_torn_line
     callback.on_train_begin(args=None, state=state, control=TrainerControl())
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
     assert path.read_text().endswith("\n")  # the next record starts a line of its own
+
+
+def test_a_lora_run_and_its_resume_show_no_deprecation_from_peft(saved_run, tmp_path, recwarn):
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning
+    # on every LoRA run that the user can do nothing about (silenced exactly; others still show)
+    import warnings
+
+    warnings.simplefilter("always")
+    out = copy_run(saved_run, tmp_path)
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=args(out, use_peft=True, lora_r=4, learning_rate=1e-2),
+        train_dataset=DATA,
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+    texts = [str(w.message) for w in recwarn.list if issubclass(w.category, FutureWarning)]
+    assert texts == [], texts

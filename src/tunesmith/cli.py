@@ -412,7 +412,10 @@ def _load_for_generation(path: str):
         base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         has_tokenizer = (Path(path) / "tokenizer_config.json").exists()
         tokenizer = load_tokenizer(path if has_tokenizer else base)
-        return PeftModel.from_pretrained(load_model(base), path).eval(), tokenizer
+        from tunesmith.models.adapters import peft_deprecations_silenced
+
+        with peft_deprecations_silenced():
+            return PeftModel.from_pretrained(load_model(base), path).eval(), tokenizer
     name = _check_model(path)
     return load_model(name).eval(), load_tokenizer(name)
 

@@ -71,7 +71,10 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, dtype="bfl
 
     # tunesmith's loader: the same sources as training (folders, GGUF, `default`), safetensors only
     model = load_model(base, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    from tunesmith.models.adapters import peft_deprecations_silenced
+
+    with peft_deprecations_silenced():
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model.to(torch_dtype)
     from tunesmith.checkpoint import STAGING, is_disk_full, publish_files, space_error, staging_dir
 
