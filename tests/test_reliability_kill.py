@@ -24,6 +24,8 @@ from tunesmith.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # subprocess runs of the CLI: about 3 minutes for the file on 2 loaded cores
+
 CHILD = textwrap.dedent(
     """
     import io, os, shutil, signal, sys
