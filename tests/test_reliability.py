@@ -467,3 +467,25 @@ def test_a_lora_run_and_its_resume_show_no_deprecation_from_peft(saved_run, tmp_
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-3"))
     texts = [str(w.message) for w in recwarn.list if issubclass(w.category, FutureWarning)]
     assert texts == [], texts
+
+
+def test_a_signal_in_the_last_step_is_a_finished_run(tmp_path):
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    class TermAtLastStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 5:  # step 6 of 6 begins
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=args(tmp_path, save_strategy="no"),
+        train_dataset=DATA,
+        processing_class=tiny_tokenizer(),
+        callbacks=[TermAtLastStep()],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 6 and trainer.stopped_by is None  # complete: nothing to resume

@@ -189,7 +189,9 @@ class SFTTrainer(Trainer):
     @property
     def stopped_by(self) -> str | None:
         """ "SIGTERM" / "SIGINT" when the last `train()` stopped early on that signal (after saving a
-        checkpoint), else None."""
+        checkpoint), else None (also when the signal came during the last step: the run is complete)."""
+        if self.state.max_steps and self.state.global_step >= self.state.max_steps:
+            return None
         return self._signal_stop.signal_name
 
     # ------------------------------------------------------------------ loss
