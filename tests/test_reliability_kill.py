@@ -267,6 +267,8 @@ def test_sample_prompts_reach_the_console_metrics_and_report(setup, capsys):
     assert main(["train", str(config)]) == 0
     out, err = capsys.readouterr()
     assert "sample at step 8\n  prompt: the quick brown\n  output: " in out
+    # the data summary is shown before training: what was read, kept, truncated, dropped
+    assert "data: data.jsonl (text)\n" in err and "  examples: 40 in, 40 out\n" in err
     # one progress display: the step lines, not also Trainer's log dicts / tqdm bar / save bars
     assert (
         "{'loss'" not in out

@@ -179,6 +179,8 @@ def cmd_train(args) -> int:
         callbacks=[MetricsCallback(), ProgressLineCallback()],
     )
     _one_progress_display(trainer)
+    if "train" in trainer.data_stats:  # examples in/out, truncated, dropped, how the file was read
+        print(trainer.data_stats["train"].summary(), file=sys.stderr, flush=True)
     with _no_save_progress_bars():
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     final = {k: v for r in trainer.state.log_history for k, v in r.items() if k in ("loss", "eval_loss")}
