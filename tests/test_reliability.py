@@ -5,6 +5,7 @@ The SIGKILL tests on a real training subprocess are in test_reliability_kill.py.
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -354,3 +355,138 @@ def test_console_noise_is_gone_and_warnings_still_mean_something(tmp_path, caplo
     assert any("`gradient_checkpointing` is deprecated" in str(w.message) for w in recwarn.list)
     lines = stream.getvalue().splitlines()
     assert [line.split(" | ")[0] for line in lines] == ["step 4/6", "step 5/6", "step 6/6"]
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+from tests.test_checkpointing import DATA, args
+from tests.tiny import tiny_model, tiny_tokenizer
+from tunesmith import SFTTrainer
+
+trainer = SFTTrainer(tiny_model("llama"), args=args(sys.argv[1], max_steps=4, save_steps=2, save_total_limit=1),
+                     train_dataset=DATA, processing_class=tiny_tokenizer())
+trainer.train()
+trainer.save_model()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_write_complete_checkpoints(tmp_path):
+    # every process takes part in a save (FSDP / ZeRO shards); only the main one publishes: the barriers
+    # around the staging folder must let both through, and leave one complete checkpoint per save
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'src'}", "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)]
+    done = subprocess.run(
+        [*cmd, str(tmp_path / "out")], cwd=repo, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # save_total_limit=1
+    assert checkpoint_problem(out / "checkpoint-4") is None
+    manifest = json.loads((out / "checkpoint-4" / MANIFEST).read_text())
+    assert manifest["step"] == 4
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(
+        manifest["files"]
+    )  # each process's, before the rename
+    assert (out / "model.safetensors").exists() and not (out / STAGING).exists()
+
+
+def test_an_interrupted_merge_leaves_the_previous_merged_model(tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import PreTrainedModel
+
+    from tests.test_export import base_without_adapter, build_llama, build_tokenizer
+    from tunesmith.export import merge_adapter
+
+    tok = build_tokenizer(tmp_path / "base")
+    build_llama(tmp_path / "base", tok)
+    peft_model = get_peft_model(
+        base_without_adapter(tmp_path / "base"),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    out = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    real = PreTrainedModel.save_pretrained
+
+    def dies_while_writing(self, folder, *a, **k):
+        real(self, folder, *a, **k)
+        weights = next(p for p in Path(folder).glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:1000])  # torn, then the process is interrupted
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", dies_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / STAGING).exists()
+
+
+def test_a_resumed_run_rewrites_metrics_without_the_lost_steps_and_the_torn_line(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from tunesmith.report import METRICS_FILE, MetricsCallback, read_metrics
+
+    path = tmp_path / METRICS_FILE
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    path.write_text("\n".join(lines) + '\n{"step": 6, "lo')  # killed in the middle of step 6's line
+    callback = MetricsCallback(tmp_path, plots=False)
+    state = TrainerState()
+    state.global_step = 3  # resumed from checkpoint-3: steps 4-6 will be trained and logged again
+    callback.on_train_begin(args=None, state=state, control=TrainerControl())
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    assert path.read_text().endswith("\n")  # the next record starts a line of its own
+
+
+def test_a_lora_run_and_its_resume_show_no_deprecation_from_peft(saved_run, tmp_path, recwarn):
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning
+    # on every LoRA run that the user can do nothing about (silenced exactly; others still show)
+    import warnings
+
+    warnings.simplefilter("always")
+    out = copy_run(saved_run, tmp_path)
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=args(out, use_peft=True, lora_r=4, learning_rate=1e-2),
+        train_dataset=DATA,
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+    texts = [str(w.message) for w in recwarn.list if issubclass(w.category, FutureWarning)]
+    assert texts == [], texts
+
+
+def test_a_signal_in_the_last_step_is_a_finished_run(tmp_path):
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    class TermAtLastStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 5:  # step 6 of 6 begins
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=args(tmp_path, save_strategy="no"),
+        train_dataset=DATA,
+        processing_class=tiny_tokenizer(),
+        callbacks=[TermAtLastStep()],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 6 and trainer.stopped_by is None  # complete: nothing to resume

@@ -75,9 +75,17 @@ def test_a_column_mixing_text_and_numbers_names_the_line_where_it_changes(tmp_pa
     with pytest.raises(DataError) as err:
         load_source(str(data))
     assert str(err.value) == (
-        f"{data}:3: field 'completion' is a number here (6) but a string on line 1 ('4'); give every row's "
+        f"{data}:3: field 'completion' is a number here (6) but a string in line 1 ('4'); give every row's "
         "'completion' the same type (quote the numbers to make them text)"
     )
+    # the same in a JSON array file
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(rows))
+    with pytest.raises(
+        DataError,
+        match=r"d.json: element 2: field 'completion' is a number here \(6\) but a string in element 0",
+    ):
+        load_source(str(array))
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
@@ -102,3 +110,30 @@ def test_utf8_bom_and_crlf_files_are_read_with_a_summary_line(tmp_path, suffix):
     assert f"  read: UTF-8 byte-order mark at the start of {windows.name}: skipped" in summary
     assert f"  read: Windows (CRLF) line ends in {windows.name}: read as line ends" in summary
     assert "read:" not in reference.stats.summary()
+
+
+def test_a_torn_adapter_is_named_by_generate_and_merge(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from tests.test_export import base_without_adapter
+
+    tok = build_tokenizer(tmp_path / "base")
+    build_llama(tmp_path / "base", tok)
+    peft_model = get_peft_model(
+        base_without_adapter(tmp_path / "base"), LoraConfig(r=4, target_modules="all-linear")
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    capsys.readouterr()
+    for argv in (
+        ["generate", tmp_path / "adapter", "--prompt", "hi"],
+        ["merge", tmp_path / "adapter", "--output", tmp_path / "m"],
+    ):
+        assert main([str(a) for a in argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert (
+            err.startswith(f"tunesmith {argv[0]}: {weights}: the weights file is truncated")
+            and "\n" not in err
+        )
+    assert not (tmp_path / "m").exists()

@@ -72,7 +72,7 @@ _WEIGHTS = (
 )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):  # ValueError: what Trainer raises for "no valid checkpoint found"
     """A checkpoint or output that cannot be used or written; the message names it and what to do."""
 
 

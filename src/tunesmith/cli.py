@@ -182,6 +182,8 @@ def cmd_train(args) -> int:
         callbacks=[MetricsCallback(), ProgressLineCallback()],
     )
     _one_progress_display(trainer)
+    if "train" in trainer.data_stats:  # examples in/out, truncated, dropped, how the file was read
+        print(trainer.data_stats["train"].summary(), file=sys.stderr, flush=True)
     with _no_save_progress_bars():
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     final = {k: v for r in trainer.state.log_history for k, v in r.items() if k in ("loss", "eval_loss")}
@@ -559,12 +561,13 @@ def _load_for_generation(path: str):
     """(model, tokenizer) from an adapter folder (base + adapter), a model folder, a .gguf or `default`;
     a vision-language model comes with its processor in place of the tokenizer."""
     from tunesmith.export import is_adapter_dir
-    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.models.load import check_safetensors_files, load_model, load_tokenizer
     from tunesmith.models.vision import image_text_class, load_processor
 
     if is_adapter_dir(path):
         import json
 
+        check_safetensors_files(path)  # a torn adapter is named before the base model loads
         from peft import PeftModel
 
         base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -576,7 +579,10 @@ def _load_for_generation(path: str):
             tokenizer = load_processor(path if has_processor else base)
         else:
             tokenizer = load_tokenizer(path if has_tokenizer else base)
-        return PeftModel.from_pretrained(load_model(base), path).eval(), tokenizer
+        from tunesmith.models.adapters import peft_deprecations_silenced
+
+        with peft_deprecations_silenced():
+            return PeftModel.from_pretrained(load_model(base), path).eval(), tokenizer
     name = _check_model(path)
     if not name.endswith(".gguf") and image_text_class(name):
         return load_model(name).eval(), load_processor(name)

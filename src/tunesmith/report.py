@@ -73,9 +73,12 @@ class MetricsCallback(TrainerCallback):
         if state.global_step == 0:
             path.unlink()
             return
+        text = path.read_text()
         records = read_metrics(path)
         kept = [r for r in records if r.get("step", 0) <= state.global_step]
-        if len(kept) != len(records):
+        lines = [line for line in text.splitlines() if line.strip()]
+        # rewritten also when the killed run left a torn last line, which the next record would extend
+        if len(kept) != len(lines) or not text.endswith("\n"):
             from tunesmith.checkpoint import atomic_file
 
             with atomic_file(path) as partial:
@@ -255,7 +258,10 @@ def write_report(
     pictures = [name for name in PLOTS if (output_dir / name).exists()]
     if pictures:
         parts += ["", "## Training curves", ""] + [f"![{name}]({name})" for name in pictures]
+    from tunesmith.checkpoint import atomic_file
+
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "report.md"
-    path.write_text("\n".join(parts) + "\n")
+    with atomic_file(path) as partial:  # a crash leaves the old report or the new one
+        partial.write_text("\n".join(parts) + "\n")
     return path

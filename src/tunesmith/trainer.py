@@ -129,9 +129,11 @@ class SFTTrainer(Trainer):
         model, self.memory_policy = _prepare_model(model, args, peft_config)
         processing_class = _prepare_tokenizer(processing_class, model, args)
         skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
+        # what prepare_dataset did to each split (examples in/out, truncated, dropped, how files were read)
+        self.data_stats: dict = {}
         if not skip_prepare:
             train_dataset, eval_dataset = _prepare_datasets(
-                train_dataset, eval_dataset, processing_class, args, formatting_func
+                train_dataset, eval_dataset, processing_class, args, formatting_func, stats=self.data_stats
             )
         self.mixture_stats = getattr(
             train_dataset, "mixture_stats", None
@@ -208,7 +210,9 @@ class SFTTrainer(Trainer):
     @property
     def stopped_by(self) -> str | None:
         """ "SIGTERM" / "SIGINT" when the last `train()` stopped early on that signal (after saving a
-        checkpoint), else None."""
+        checkpoint), else None (also when the signal came during the last step: the run is complete)."""
+        if self.state.max_steps and self.state.global_step >= self.state.max_steps:
+            return None
         return self._signal_stop.signal_name
 
     # ------------------------------------------------------------------ loss
@@ -911,7 +915,7 @@ def _set_pad_token(tokenizer, args: SFTConfig) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool, name: str):
+def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool, name: str, stats=None):
     if dataset is None:
         return None
     import datasets
@@ -930,6 +934,8 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
     kwargs["streaming"] = isinstance(dataset, datasets.IterableDataset)
     prepared = prepare_dataset(dataset, tokenizer, **kwargs)
     logger.debug("%s dataset: %s", name, prepared.stats)
+    if stats is not None:
+        stats[name] = prepared.stats
     data = prepared.dataset
     if isinstance(data, datasets.Dataset) and "example_index" not in data.column_names:
         # carried through the collator so that a non-finite loss can name the rows that caused it
@@ -1048,13 +1054,13 @@ def _prepare_tokenizer(tokenizer, model, args: SFTConfig):
     return tokenizer
 
 
-def _prepare_datasets(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func):
+def _prepare_datasets(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func, stats=None):
     """Both splits through `prepare_dataset`; the eval split packed as `eval_packing` says."""
     from tunesmith.data.mixture import is_mixture
 
     if args.datasets or is_mixture(train_dataset):
         return _prepare_mixture(train_dataset, eval_dataset, tokenizer, args, formatting_func)
-    train_dataset = _prepare(train_dataset, tokenizer, args, formatting_func, args.packing, "train")
+    train_dataset = _prepare(train_dataset, tokenizer, args, formatting_func, args.packing, "train", stats)
     return train_dataset, _prepare_eval(eval_dataset, tokenizer, args, formatting_func)
 
 

@@ -358,7 +358,7 @@ def _validate_jsonl(path: Path) -> None:
                 raise DataError(
                     f"{path}:{lineno}: each line must be a JSON object ({{...}}), got {type(row).__name__}"
                 )
-            _check_same_types(path, lineno, row, first_seen)
+            _check_same_types(f"{path}:{lineno}", f"line {lineno}", row, first_seen)
             rows += 1
     if rows == 0:
         raise DataError(f"{path}: the file is empty (no JSON lines)")
@@ -375,7 +375,7 @@ def _json_kind(value) -> str | None:
     return None
 
 
-def _check_same_types(path: Path, lineno: int, row: dict, first_seen: dict) -> None:
+def _check_same_types(where: str, place: str, row: dict, first_seen: dict) -> None:
     """A field that is a string on one line and a number on another: Arrow would silently turn the whole
     column into one type ("4" becomes 4), and a later error would blame a row that was right. Named here,
     at the line where the type changes, with the line that set it."""
@@ -383,10 +383,10 @@ def _check_same_types(path: Path, lineno: int, row: dict, first_seen: dict) -> N
         kind = _json_kind(value)
         if kind is None:
             continue
-        seen = first_seen.setdefault(key, (kind, lineno, value))
+        seen = first_seen.setdefault(key, (kind, place, value))
         if seen[0] != kind:
             raise DataError(
-                f"{path}:{lineno}: field {key!r} is a {kind} here ({value!r}) but a {seen[0]} on line {seen[1]} "
+                f"{where}: field {key!r} is a {kind} here ({value!r}) but a {seen[0]} in {seen[1]} "
                 f"({seen[2]!r}); give every row's {key!r} the same type (quote the numbers to make them text)"
             )
 
@@ -404,11 +404,13 @@ def _validate_json(path: Path, text: str) -> str | dict | None:
     if isinstance(data, list):
         if not data:
             raise DataError(f"{path}: the file is empty (an empty JSON array)")
+        first_seen: dict = {}
         for i, row in enumerate(data):
             if not isinstance(row, dict):
                 raise DataError(
                     f"{path}: element {i} of the JSON array is a {type(row).__name__}, not an object"
                 )
+            _check_same_types(f"{path}: element {i}", f"element {i}", row, first_seen)
         return None
     if isinstance(data, dict):
         lists = {k: v for k, v in data.items() if isinstance(v, list)}

@@ -134,7 +134,7 @@ def _atomic(out_file: Path, split: int, write) -> Path:
     except Exception as err:
         from tunesmith.checkpoint import is_disk_full, space_error
 
-        if is_disk_full(err):
+        if is_disk_full(err, out_file.parent):
             raise space_error(out_file.parent, out_file.name, None, err) from None
         raise
     finally:

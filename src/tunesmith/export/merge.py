@@ -81,6 +81,9 @@ def merge_adapter(
             f"{adapter_dir} is not a LoRA adapter folder (no {_ADAPTER_CONFIG}); "
             "a full model needs no merge: load it directly or pass it to `tunesmith export`"
         )
+    from tunesmith.models.load import check_safetensors_files
+
+    check_safetensors_files(adapter_dir)  # a torn adapter is named before the base model loads
     base = json.loads((adapter_dir / _ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base:
         raise ExportError(f"{adapter_dir / _ADAPTER_CONFIG} names no base_model_name_or_path")
@@ -90,7 +93,10 @@ def merge_adapter(
 
     # tunesmith's loader: the same sources as training (folders, GGUF, `default`), safetensors only
     model = load_model(base, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    from tunesmith.models.adapters import peft_deprecations_silenced
+
+    with peft_deprecations_silenced():
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model.to(torch_dtype)
     from tunesmith.checkpoint import STAGING, is_disk_full, publish_files, space_error, staging_dir
     from tunesmith.models.vision import is_vision_model
@@ -107,11 +113,11 @@ def merge_adapter(
         else:
             _load_tokenizer(adapter_dir, base_dir).save_pretrained(staged)
         publish_files(staged, output_dir)
-    except Exception as err:
+    except BaseException as err:  # also a KeyboardInterrupt: the half-written staging folder goes
         shutil.rmtree(staged, ignore_errors=True)
         with contextlib.suppress(OSError):
             (output_dir.parent / STAGING).rmdir()
-        if is_disk_full(err):
+        if isinstance(err, Exception) and is_disk_full(err, output_dir.parent):
             needed = sum(p.numel() * p.element_size() for p in model.parameters())
             raise space_error(output_dir, "the merged model", needed, err) from None
         raise

@@ -285,22 +285,28 @@ class ModelFileError(ValueError):
     """A model file that cannot be loaded (torn, truncated, not the format it claims); names the file."""
 
 
+def check_safetensors_files(folder: str | Path) -> None:
+    """ModelFileError naming the first torn safetensors file in `folder` (a model or an adapter folder):
+    checked from the headers, before anything is loaded."""
+    from tunesmith.checkpoint import safetensors_problem
+
+    for path in sorted(Path(folder).expanduser().glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise ModelFileError(
+                f"{path}: the weights file {problem}; it was not written completely (or was damaged in a "
+                "copy): copy or save the model again"
+            )
+
+
 def _check_weight_format(source: str, use_safetensors) -> None:
     """Refuse a local folder that only has pickle weights (.bin/.pt), unless use_safetensors=False, and
     one whose safetensors files are torn (checked from their headers before anything is read)."""
-    from tunesmith.checkpoint import safetensors_problem
-
     folder = Path(source).expanduser()
     if use_safetensors is False or not folder.is_dir():
         return
     if any(folder.glob("*.safetensors")):
-        for path in sorted(folder.glob("*.safetensors")):
-            problem = safetensors_problem(path)
-            if problem:
-                raise ModelFileError(
-                    f"{path}: the weights file {problem}; it was not written completely (or was damaged in a "
-                    "copy): copy or save the model again"
-                )
+        check_safetensors_files(folder)
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickles:
