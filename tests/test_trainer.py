@@ -341,7 +341,8 @@ def test_sample_generations_and_progress_line_callbacks(tmp_path):
         (2, "Who wrote Hamlet?")
     ]  # one eval, at step 2
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("step 2/2 | loss ") and "tok/s" in lines[1]
+    assert len(lines) == 3 and lines[1].startswith("step 2/2 | loss ") and "tok/s" in lines[1]
+    assert lines[2].startswith("step 2/2 | eval loss ")  # the evaluation at step 2 gets its own line
 
 
 def test_a_collator_that_gives_only_labels_is_shifted_once(tmp_path):

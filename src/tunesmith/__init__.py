@@ -27,6 +27,8 @@ _EXPORTS = {
     "UnslothVisionDataCollator": "tunesmith.data.vision",
     "is_bfloat16_supported": "tunesmith.models.fast",
     "prepare_dataset": "tunesmith.data.pipeline",
+    "DatasetSource": "tunesmith.data.mixture",
+    "prepare_mixture": "tunesmith.data.mixture",
     "load_model": "tunesmith.models.load",
     "load_tokenizer": "tunesmith.models.load",
     "optimize": "tunesmith.ops.apply",

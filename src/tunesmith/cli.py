@@ -6,7 +6,8 @@
     tunesmith generate MODEL --prompt TEXT          from an adapter folder or a model
     tunesmith chat MODEL                            a conversation on stdin
     tunesmith merge ADAPTER --output DIR            LoRA merged into 16-bit safetensors
-    tunesmith export MODEL --gguf FILE [--type]     a GGUF file (f16, bf16, q8_0)
+    tunesmith export MODEL --gguf FILE [--type] [--ollama DIR]   GGUF (+ Ollama Modelfile)
+    tunesmith doctor [--json]                       device, versions, and a check of every Triton kernel
 
 The YAML file is SFTConfig's serialised form (see `tunesmith.config`) plus one section the CLI
 reads itself, naming the data:
@@ -26,6 +27,7 @@ answers at once. Errors in the configuration print one line and exit with status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import sys
 from dataclasses import dataclass
@@ -144,39 +146,128 @@ def cmd_train(args) -> int:
         # `tunesmith train lora.r=8`: no config file, only overrides of the quick start
         args.overrides, args.config = [args.config, *args.overrides], None
     config, data, raw = read_run_config(args.config, args.overrides)
-    if data.train in (None, QUICKSTART_DATA):
+    if config.datasets and data.train is not None:
+        raise UsageError(f"{args.config}: give either `dataset` or `datasets` (several sources), not both")
+    if data.train in (None, QUICKSTART_DATA) and not config.datasets:
         if args.config is not None and data.train is None:
             raise UsageError(
                 f"{args.config}: no `dataset` section; add `dataset: {{train: path/to/data.jsonl}}`"
             )
         from tunesmith.quickstart import run_quickstart
 
+        resume = _resume_command(args)
+        _apply_threads(show=True)
         if args.config is None:  # the quick start's own settings plus the overrides
-            run_quickstart([o for o in args.overrides if not o.startswith("dataset")])
+            run_quickstart([o for o in args.overrides if not o.startswith("dataset")], resume_command=resume)
         else:  # the file's settings, overrides applied
-            run_quickstart(config=config)
+            run_quickstart(config=config, resume_command=resume)
         return 0
 
-    from tunesmith.callbacks import ProgressLineCallback
-    from tunesmith.report import MetricsCallback, write_report
+    from tunesmith.callbacks import ProgressLineCallback, TrainingStopped
+    from tunesmith.checkpoint import check_output_dir
+    from tunesmith.report import MetricsCallback, samples_from_history, write_report
     from tunesmith.trainer import SFTTrainer
 
     model = _check_model(config.model_name_or_path)
+    check_output_dir(
+        config.output_dir, overwrite=config.overwrite_output_dir, resume=config.resume_from_checkpoint
+    )
+    threads = _apply_threads(show=True)
     config.save_resolved(config.output_dir)
     trainer = SFTTrainer(
         model,
         args=config,
-        train_dataset=_load_source(data.train, data.split),
+        train_dataset=_load_source(data.train, data.split) if data.train else None,
         eval_dataset=_load_source(data.eval, data.eval_split) if data.eval else None,
         callbacks=[MetricsCallback(), ProgressLineCallback()],
     )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model()
+    _one_progress_display(trainer)
+    if "train" in trainer.data_stats:  # examples in/out, truncated, dropped, how the file was read
+        print(trainer.data_stats["train"].summary(), file=sys.stderr, flush=True)
+    with _no_save_progress_bars():
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     final = {k: v for r in trainer.state.log_history for k, v in r.items() if k in ("loss", "eval_loss")}
     notes = [f"final {k}: {v:.4f}" for k, v in final.items()] + [f"data: {data.train}", f"model: {model}"]
-    write_report(config.output_dir, title=f"tunesmith run: {Path(config.output_dir).name}", notes=notes)
+    if trainer.mixture_stats is not None:  # several sources: the data line per source
+        notes[-2] = "data:\n\n```\n" + trainer.mixture_stats.summary() + "\n```\n"
+    notes.append(threads.line())
+    title = f"tunesmith run: {Path(config.output_dir).name}"
+    sections = _evaluation_sections(trainer)
+    generations = samples_from_history(trainer.state.log_history)
+    if trainer.stopped_by:
+        # not finished: no final model in output_dir (the checkpoint holds it), a report that says so
+        stop = TrainingStopped(
+            trainer.stopped_by, trainer.state.global_step, trainer.state.max_steps, _resume_command(args)
+        )
+        write_report(
+            config.output_dir,
+            title=f"{title} (STOPPED EARLY)",
+            notes=[f"**{stop}**", *notes],
+            sections=sections,
+            generations=generations,
+        )
+        raise stop
+    with _no_save_progress_bars():
+        trainer.save_model()
+    write_report(config.output_dir, title=title, notes=notes, sections=sections, generations=generations)
     print(f"done: model and report in {config.output_dir}")
     return 0
+
+
+def _one_progress_display(trainer) -> None:
+    """ProgressLineCallback's lines are the CLI's progress display: Trainer's own (a tqdm bar, or the
+    printed log dicts with disable_tqdm) would show the same numbers twice more, interleaved."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+@contextlib.contextmanager
+def _no_save_progress_bars():
+    """transformers draws a "Writing model shards" bar for every checkpoint, between the progress lines."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _apply_threads(show: bool = False):
+    """The thread rule of `tunesmith.threads`, for every command; `show`: print it (a training run)."""
+    from tunesmith.threads import apply_thread_rule
+
+    choice = apply_thread_rule()
+    if show:
+        print(choice.line(), file=sys.stderr, flush=True)
+    return choice
+
+
+def _resume_command(args) -> str:
+    """The command line that resumes this `tunesmith train` run."""
+    import shlex
+
+    kept = [o for o in args.overrides if not o.startswith("resume_from_checkpoint=")]
+    words = ["tunesmith", "train", *([args.config] if args.config else []), *kept]
+    return shlex.join([*words, "resume_from_checkpoint=true"])
+
+
+def _evaluation_sections(trainer) -> list[str]:
+    """report.md's evaluation part: the last eval metrics per eval set, the best checkpoint, generations."""
+    from tunesmith.evaluation import report_sections
+
+    state, args = trainer.state, trainer.args
+    return report_sections(
+        state.log_history,
+        samples=trainer.generation_eval.samples if trainer.generation_eval is not None else (),
+        best_checkpoint=state.best_model_checkpoint,
+        best_metric=state.best_metric,
+        metric_name=args.metric_for_best_model,
+    )
 
 
 def _prepare(config, source, split, tokenizer):
@@ -189,6 +280,15 @@ def _prepare(config, source, split, tokenizer):
 
     kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
     return prepare_dataset(_load_source(source, split), tokenizer, **kwargs)
+
+
+def _prepare_mixture(config, tokenizer):
+    from tunesmith.data.mixture import prepare_mixture
+    from tunesmith.data.pipeline import prepare_dataset
+    from tunesmith.trainer import pipeline_kwargs
+
+    kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
+    return prepare_mixture(config.datasets, tokenizer, eval_packing=config.eval_packing, **kwargs)
 
 
 def _tokenizer_for(config):
@@ -209,8 +309,16 @@ def _tokenizer_for(config):
 
 def cmd_preprocess(args) -> int:
     config, data, _ = read_run_config(args.config, args.overrides)
+    if config.datasets:
+        _apply_threads()
+        mixture = _prepare_mixture(config, _tokenizer_for(config))
+        print(f"[train]\n{mixture.stats.summary()}")
+        for name, rows in mixture.eval_datasets.items():
+            print(f"[eval_{name}] {len(rows)} rows")
+        return 0
     if data.train in (None, QUICKSTART_DATA):
         raise UsageError(f"{args.config}: preprocess needs `dataset.train` (a file, folder or Hub name)")
+    _apply_threads()
     tokenizer = _tokenizer_for(config)
     for name, source, split in (("train", data.train, data.split), ("eval", data.eval, data.eval_split)):
         if source:
@@ -226,7 +334,7 @@ def cmd_inspect(args) -> int:
         if data.train == QUICKSTART_DATA:
             data.train = None
         source, split = data.train, data.split
-        if source is None:
+        if source is None and not config.datasets:
             from tunesmith.quickstart import make_splits
 
             source = make_splits(num_train=200, num_heldout=1).train  # the built-in task's data
@@ -237,8 +345,12 @@ def cmd_inspect(args) -> int:
             raise UsageError(f"{args.target}: no such file or folder")
     if args.model:
         config.model_name_or_path = args.model
+    _apply_threads()
     tokenizer = _tokenizer_for(config)
-    prepared = _prepare(config, source, split, tokenizer)
+    if config.datasets and target.suffix in (".yaml", ".yml"):  # several sources: the mixture's rows
+        prepared = _prepare_mixture(config, tokenizer)
+    else:
+        prepared = _prepare(config, source, split, tokenizer)
     color = sys.stdout.isatty() and not args.no_color
     if hasattr(prepared, "rows"):  # vision data (data.vision.VisionDataset)
         return _inspect_vision(prepared, tokenizer, args.num, color)
@@ -262,7 +374,7 @@ def cmd_inspect(args) -> int:
             start = end
         print()
     print(prepared.stats.summary())
-    print(format_histogram(prepared.stats.length_histogram))
+    print(format_histogram(getattr(prepared.stats, "length_histogram", {})))
     return 0
 
 
@@ -305,6 +417,7 @@ def _images(args, tokenizer):
 def cmd_generate(args) -> int:
     from tunesmith.generation import generate
 
+    _apply_threads()
     model, tokenizer = _load_for_generation(args.model)
     images = _images(args, tokenizer)
     if images and args.raw:
@@ -318,6 +431,7 @@ def cmd_generate(args) -> int:
         tokenizer,
         [prompt],
         max_new_tokens=args.max_new_tokens,
+        chat_template_kwargs=_template_kwargs(args),
         images=images,
         **_sampling(args.temperature),
     )
@@ -328,11 +442,13 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from tunesmith.generation import generate
 
+    _apply_threads()
     model, tokenizer = _load_for_generation(args.model)
     images = _images(args, tokenizer)  # shown with the first user message of the conversation
     if not tokenizer.chat_template:
         raise UsageError(f"{args.model}: the tokenizer has no chat template; use `tunesmith generate --raw`")
     history = [{"role": "system", "content": args.system}] if args.system else []
+    template_kwargs = _template_kwargs(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print("chat: type a message; an empty line or Ctrl-D ends, /reset forgets the conversation")
@@ -351,6 +467,7 @@ def cmd_chat(args) -> int:
             tokenizer,
             [history],
             max_new_tokens=args.max_new_tokens,
+            chat_template_kwargs=template_kwargs,
             images=images,
             **_sampling(args.temperature),
         )
@@ -362,7 +479,8 @@ def cmd_merge(args) -> int:
     from tunesmith.export import merge_adapter
 
     _need_folder(args.adapter)
-    out = merge_adapter(args.adapter, args.output, dtype=args.dtype)
+    _apply_threads()
+    out = merge_adapter(args.adapter, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"merged model written to {out}")
     return 0
 
@@ -371,14 +489,68 @@ def cmd_export(args) -> int:
     from tunesmith.export import export_gguf
 
     _need_folder(args.model)
-    out = export_gguf(args.model, args.gguf, type=args.type)
-    print(f"GGUF ({args.type}) written to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    if args.gguf is None and args.ollama is None:
+        raise UsageError("export: give --gguf FILE, --ollama DIR, or both")
+    _apply_threads()
+    gguf = (
+        Path(args.gguf)
+        if args.gguf
+        else Path(args.ollama) / f"{Path(args.model).resolve().name}-{args.type}.gguf"
+    )
+    out = export_gguf(
+        args.model, gguf, type=args.type, pre_tokenizer=args.pre_tokenizer, max_shard_size=args.max_shard_size
+    )
+    shards = (
+        sorted(out.parent.glob(out.name.replace("-00001-of-", "-*-of-")))
+        if "-00001-of-" in out.name
+        else [out]
+    )
+    size = sum(p.stat().st_size for p in shards) / 2**20
+    where = f"{out} (+ {len(shards) - 1} more shards)" if len(shards) > 1 else str(out)
+    print(f"GGUF ({args.type}) written to {where} ({size:.1f} MiB)")
+    print(f"  run it in llama.cpp: llama-cli -m {out} -cnv   (or llama-server -m {out})")
+    if args.ollama:
+        from tunesmith.export.ollama import write_modelfile
+
+        modelfile = write_modelfile(args.model, args.ollama, out)
+        print(f"Ollama Modelfile written to {modelfile}")
+        print(f"  run it in Ollama: ollama create my-model -f {modelfile} && ollama run my-model")
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from tunesmith.doctor import main as doctor
+
+    return doctor(as_json=args.json, check_kernels=not args.no_check)
 
 
 def _need_folder(path: str) -> None:
     if not Path(path).is_dir():
         raise UsageError(f"{path}: no such folder (expected a model or adapter folder)")
+
+
+def _template_kwargs(args) -> dict | None:
+    """--chat-template-kwargs JSON, else the `data.chat_template_kwargs` the run was trained with (its
+    tunesmith_config.yaml in the model folder), else None: generation renders prompts as training did."""
+    import json
+
+    if args.chat_template_kwargs is not None:
+        try:
+            value = json.loads(args.chat_template_kwargs)
+        except json.JSONDecodeError as err:
+            raise UsageError(
+                f"--chat-template-kwargs: not valid JSON ({err.msg}); e.g. '{{\"enable_thinking\": false}}'"
+            ) from None
+        if not isinstance(value, dict):
+            raise UsageError(f"--chat-template-kwargs: expected a JSON object, got {value!r}")
+        return value
+    saved = Path(args.model) / "tunesmith_config.yaml"
+    if saved.is_file():
+        import yaml
+
+        data = (yaml.safe_load(saved.read_text()) or {}).get("data") or {}
+        return data.get("chat_template_kwargs") or None
+    return None
 
 
 def _sampling(temperature: float) -> dict:
@@ -389,12 +561,13 @@ def _load_for_generation(path: str):
     """(model, tokenizer) from an adapter folder (base + adapter), a model folder, a .gguf or `default`;
     a vision-language model comes with its processor in place of the tokenizer."""
     from tunesmith.export import is_adapter_dir
-    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.models.load import check_safetensors_files, load_model, load_tokenizer
     from tunesmith.models.vision import image_text_class, load_processor
 
     if is_adapter_dir(path):
         import json
 
+        check_safetensors_files(path)  # a torn adapter is named before the base model loads
         from peft import PeftModel
 
         base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -406,7 +579,10 @@ def _load_for_generation(path: str):
             tokenizer = load_processor(path if has_processor else base)
         else:
             tokenizer = load_tokenizer(path if has_tokenizer else base)
-        return PeftModel.from_pretrained(load_model(base), path).eval(), tokenizer
+        from tunesmith.models.adapters import peft_deprecations_silenced
+
+        with peft_deprecations_silenced():
+            return PeftModel.from_pretrained(load_model(base), path).eval(), tokenizer
     name = _check_model(path)
     if not name.endswith(".gguf") and image_text_class(name):
         return load_model(name).eval(), load_processor(name)
@@ -469,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunesmith",
         description="Supervised fine-tuning of causal language models, from one YAML file.",
-        epilog="`tunesmith train` with no config runs the built-in quick start (offline, CPU, ~10 minutes).",
+        epilog="`tunesmith train` with no config runs the built-in quick start (offline, CPU, about 2.5 minutes on 2 idle cores).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides = {
@@ -513,19 +689,48 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument(
+            "--chat-template-kwargs",
+            metavar="JSON",
+            help="template variables, e.g. '{\"enable_thinking\": false}' (default: the training run's "
+            "chat_template_kwargs from the folder's tunesmith_config.yaml)",
+        )
         p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into 16-bit safetensors")
     p.add_argument("adapter")
     p.add_argument("--output", required=True, help="folder for the merged model")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--max-shard-size", help="safetensors shards of at most this size, e.g. 5GB")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="write a model or adapter folder as one GGUF file (llama architecture)")
+    from tunesmith.export.gguf_file import GGUF_TYPES
+
+    p = sub.add_parser(
+        "export",
+        help="write a model or adapter folder as GGUF (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) "
+        "and an Ollama Modelfile",
+    )
     p.add_argument("model")
-    p.add_argument("--gguf", required=True, help="output .gguf file")
-    p.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0"))
+    p.add_argument("--gguf", help="output .gguf file (default with --ollama: DIR/NAME-TYPE.gguf)")
+    p.add_argument(
+        "--type",
+        default="f16",
+        choices=GGUF_TYPES,
+        help="f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 written directly; q4_k_m q5_k_m q6_k by llama.cpp's "
+        "quantizer (pip install 'tunesmith[gguf]')",
+    )
+    p.add_argument("--ollama", metavar="DIR", help="also write DIR/Modelfile (chat template, stop tokens)")
+    p.add_argument("--max-shard-size", help="split the GGUF into shards of at most this size, e.g. 2GB")
+    p.add_argument("--pre-tokenizer", help="llama.cpp's pre-tokenizer name, if the one detected is wrong")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "doctor", help="device, versions, precision, attention, 4-bit, and a check of every Triton kernel"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-check", action="store_true", help="do not run the kernel checks")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
@@ -545,6 +750,11 @@ def main(argv=None) -> int:
         print(f"tunesmith {args.command}: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except Exception as err:
+        from tunesmith.callbacks import TrainingStopped
+
+        if isinstance(err, TrainingStopped):  # saved, not finished: 128 + the signal, as a shell shows it
+            print(f"tunesmith {args.command}: {err}", file=sys.stderr)
+            return err.exit_status
         # our own "for people" errors (config, data, export) print as one line; anything else is a bug
         # and keeps its traceback
         from tunesmith.config import ConfigError
@@ -562,10 +772,13 @@ def main(argv=None) -> int:
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
+    from tunesmith.callbacks import NonFiniteLossError
+    from tunesmith.checkpoint import CheckpointError
     from tunesmith.data.sources import DataError
     from tunesmith.export import ExportError
+    from tunesmith.models.load import ModelFileError
 
-    return (DataError, ExportError)
+    return (DataError, ExportError, CheckpointError, NonFiniteLossError, ModelFileError)
 
 
 if __name__ == "__main__":

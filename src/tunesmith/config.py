@@ -116,11 +116,13 @@ class SFTConfig(TrainingArguments):
         default=10,
         metadata=_help("Log every N optimizer steps (a float < 1 is a fraction of the run).", "training"),
     )
-    gradient_checkpointing: bool = field(
-        default=False,
+    gradient_checkpointing: bool | None = field(
+        # None (not False): transformers warns that `gradient_checkpointing` is deprecated whenever it is
+        # set, so only a user who sets it sees that warning; unset it resolves to False
+        default=None,
         metadata=_help(
             "Recompute activations in the backward to save memory (TRL defaults to True). Only memory and "
-            "time change, never the result; leave False and let `memory_policy` decide.",
+            "time change, never the result; leave it unset (False) and let `memory_policy` decide.",
             "training",
         ),
     )
@@ -129,6 +131,25 @@ class SFTConfig(TrainingArguments):
         metadata=_help(
             "bf16 mixed precision. None: on where the GPU runs bf16 and fp16 is off (as TRL); off on CPU, "
             "where `model_dtype=auto` already loads bf16 weights.",
+            "training",
+        ),
+    )
+
+    resume_from_checkpoint: str | bool | None = field(
+        default=None,
+        metadata=_help(
+            "Resume training: true = the newest complete checkpoint in output_dir (incomplete ones, from a "
+            "killed save, are skipped and named); a path = that checkpoint (refused if incomplete); "
+            "null/false = start afresh.",
+            "training",
+        ),
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help(
+            "`tunesmith train`: start afresh in an output_dir that holds a finished run or checkpoints "
+            "(its checkpoints are removed). False: such a folder is refused unless resume_from_checkpoint "
+            "is set.",
             "training",
         ),
     )
@@ -250,6 +271,15 @@ class SFTConfig(TrainingArguments):
         default=None,
         metadata=_help("Extra dataset-preparation options; `skip_prepare_dataset: true` (TRL).", "data"),
     )
+    datasets: list[Any] | dict[str, Any] | None = field(
+        default=None,
+        metadata=_help(
+            "Several training sources mixed by weight, each {path, name, split, format, columns, system_prompt, "
+            "weight | fraction | max_examples, eval | eval_split | eval_examples} (tunesmith.data.mixture); used "
+            "instead of a single train dataset. Eval sets per source log eval_<name>_loss.",
+            "data",
+        ),
+    )
     dataset_num_proc: int | None = field(default=None, metadata=_help("Processes for tokenization.", "data"))
     dataset_cache_dir: str | bool | None = field(
         default=None,
@@ -322,6 +352,22 @@ class SFTConfig(TrainingArguments):
         default=False,
         metadata=_help("Train on every token, prompts included (overrides the two above).", "data"),
     )
+    chat_template_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata=_help(
+            "Extra variables for the chat template, e.g. {enable_thinking: false}, wherever it renders "
+            "(training, inspect, generation); a `chat_template_kwargs` column of the data wins per example.",
+            "data",
+        ),
+    )
+    train_on_reasoning: str = field(
+        default="last",
+        metadata=_help(
+            "Which assistant turns' reasoning (reasoning_content / thinking, as the template renders it) is "
+            "trained: last (the final turn's), all, or none. Answers and end-of-turn tokens always train.",
+            "data",
+        ),
+    )
 
     # ---- loss, kernels, memory ----
     loss_type: str = field(
@@ -341,6 +387,15 @@ class SFTConfig(TrainingArguments):
         default=True,
         metadata=_help(
             "Fast kernels and the fused LM-head loss (exact, only faster). False: plain modules.", "kernels"
+        ),
+    )
+    triton_kernels: bool = field(
+        default=True,
+        metadata=_help(
+            "On CUDA, run the Triton kernels (RMSNorm, RoPE, SwiGLU/GeGLU, the fused loss), each only after it "
+            "passes a one-time check against its PyTorch reference on the device. False: the PyTorch versions of "
+            "the same ops (as TUNESMITH_KERNELS=off does for every run).",
+            "kernels",
         ),
     )
     attention: str = field(
@@ -386,8 +441,31 @@ class SFTConfig(TrainingArguments):
     sample_max_new_tokens: int = field(
         default=64, metadata=_help("Tokens to generate per sample prompt.", "eval")
     )
+    eval_generation: dict[str, Any] | bool | None = field(
+        default=None,
+        metadata=_help(
+            "Greedy generation on held-out prompts of the eval set(s), scored by exact match and chrF "
+            "(eval_exact_match, eval_chrf; eval_<name>_... per eval set): true, or {steps: N (every N steps; "
+            "default every evaluation), num_prompts: K (16), max_new_tokens: 64}. Also runs at the last step.",
+            "eval",
+        ),
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata=_help(
+            "Stop after this many evaluations without improvement of metric_for_best_model (any eval metric, "
+            "generation ones included; default eval_loss); turns on load_best_model_at_end, so the best "
+            "checkpoint is kept and loaded at the end.",
+            "eval",
+        ),
+    )
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata=_help("How much metric_for_best_model must improve to count as an improvement.", "eval"),
+    )
 
     def __post_init__(self):
+        self._evaluation_settings()
         if self.max_seq_length is not None:
             deprecation_notice(
                 "SFTConfig.max_seq_length",
@@ -410,9 +488,93 @@ class SFTConfig(TrainingArguments):
         _check_choice("truncation_mode", self.truncation_mode, ("keep_start", "keep_end", "drop"))
         _check_choice("packing_strategy", self.packing_strategy, ("bfd", "bfd_split", "wrapped"))
         _check_choice("loss_type", self.loss_type, ("nll", "dft"))
+        _check_choice("train_on_reasoning", self.train_on_reasoning, ("last", "all", "none"))
         _check_choice("memory_policy", self.memory_policy, ("auto", "none", "checkpoint", "offload"))
         _check_choice("model_quantization", self.model_quantization, (None, "4bit", "8bit"))
+        self._check_ranges()
+        if self.dataloader_pin_memory and not _has_accelerator():
+            # pinned memory only speeds up copies to a GPU; without one torch warns on every DataLoader
+            self.dataloader_pin_memory = False
         super().__post_init__()
+
+    def _evaluation_settings(self) -> None:
+        """eval_generation and early stopping need evaluations (and saved checkpoints) to act on; turn on
+        what they need, with a notice, or say what to set."""
+        from tunesmith.evaluation import GenerationSettings
+
+        try:
+            generation = GenerationSettings.parse(self.eval_generation)
+        except ValueError as err:
+            raise ConfigError(f"SFTConfig: {err}") from None
+        strategy = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+        if generation is not None and generation.steps and strategy == "no":
+            notice_once(
+                "eval_generation.steps",
+                f"eval_generation.steps={generation.steps}: evaluating every {generation.steps} steps "
+                "(eval_strategy=steps); the generation metrics are computed inside the evaluation",
+            )
+            self.eval_strategy, self.eval_steps, strategy = "steps", generation.steps, "steps"
+        patience = self.early_stopping_patience
+        if patience is None:
+            return
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+            raise ConfigError(f"SFTConfig: `early_stopping_patience` expects an int >= 1, got {patience!r}")
+        if strategy == "no":
+            raise ConfigError(
+                "SFTConfig: early_stopping_patience needs evaluations to compare: set eval_strategy: steps and "
+                "eval_steps: N (or eval_generation.steps: N), and an eval set"
+            )
+        if not self.load_best_model_at_end:
+            notice_once(
+                "early_stopping.best",
+                "early_stopping_patience: load_best_model_at_end is turned on, so the best checkpoint is kept "
+                "and loaded when training ends",
+            )
+            self.load_best_model_at_end = True
+        save = str(getattr(self.save_strategy, "value", self.save_strategy))
+        save_steps_default = self.save_steps == TrainingArguments.save_steps or save != strategy
+        if save != strategy:
+            notice_once(
+                "early_stopping.save",
+                f"early_stopping_patience: save_strategy={save!r} becomes {strategy!r} (a checkpoint at every "
+                "evaluation, so the best one exists)",
+            )
+            self.save_strategy = strategy
+        eval_steps = self.eval_steps or self.logging_steps
+        if strategy == "steps" and eval_steps and (self.save_steps % eval_steps or save_steps_default):
+            notice_once(
+                "early_stopping.save_steps",
+                f"early_stopping_patience: save_steps={self.save_steps} becomes eval_steps={eval_steps} (a "
+                "checkpoint at every evaluation, so the best one is saved when it is evaluated)",
+            )
+            self.save_steps = eval_steps
+
+    def _check_ranges(self) -> None:
+        """Values that would fail only after the model is loaded (or divide by zero in the training loop),
+        refused when the config is read."""
+        at_least = {
+            "per_device_train_batch_size": 1,
+            "per_device_eval_batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "lora_r": 1,
+            "sample_max_new_tokens": 1,
+        }
+        for key, low in at_least.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"SFTConfig: `{key}` must be a whole number >= {low}, got {value!r}")
+        for key in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio"):
+            value = getattr(self, key, None)
+            if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+                raise ConfigError(f"SFTConfig: `{key}` must be >= 0, got {value!r}")
+        if self.embedding_learning_rate is not None and self.embedding_learning_rate < 0:
+            raise ConfigError(
+                f"SFTConfig: `embedding_learning_rate` must be >= 0, got {self.embedding_learning_rate!r}"
+            )
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(
+                f"SFTConfig: `max_length` must be >= 1 (or null: no limit), got {self.max_length!r}"
+            )
 
     def _kernels_from_peer_spellings(self) -> None:
         """TRL's kernel switches mean tunesmith's own kernels: `use_liger_kernel=True` (TRL ≤ 1.15, a
@@ -465,9 +627,11 @@ class SFTConfig(TrainingArguments):
 
     def save_resolved(self, directory: str | Path) -> Path:
         """Write the resolved configuration to `directory/tunesmith_config.yaml`; return the path."""
+        from tunesmith.checkpoint import atomic_file
+
         path = Path(directory) / "tunesmith_config.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
+        with atomic_file(path) as partial:  # a crash leaves the old file or the new one
+            partial.write_text(self.to_yaml())
         return path
 
 

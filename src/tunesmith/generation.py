@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["generate", "stop_token_ids"]
+__all__ = ["generate", "generate_from_ids", "chat_prompt_ids", "stop_token_ids"]
 
 
 def generate(
@@ -13,6 +13,7 @@ def generate(
     prompts_or_messages,
     max_new_tokens: int = 128,
     do_sample: bool = False,
+    chat_template_kwargs: dict | None = None,
     images=None,
     **kwargs,
 ) -> list[str]:
@@ -20,7 +21,8 @@ def generate(
 
     `prompts_or_messages`: a string, a list of strings, one conversation (a list of
     {"role", "content"} dicts), or a list of conversations. Conversations go through the
-    tokenizer's chat template with the generation prompt added; strings are tokenized as they are.
+    tokenizer's chat template with the generation prompt added (and `chat_template_kwargs`, e.g.
+    `{"enable_thinking": False}`, as template variables); strings are tokenized as they are.
 
         generate(model, tok, ["The capital of France is"], max_new_tokens=3)  -> [" Paris."]
         generate(model, tok, [{"role": "user", "content": "Hi"}])             -> ["Hello!"]
@@ -50,10 +52,12 @@ def generate(
     outputs = []
     try:
         for k, item in enumerate(items):
-            if processor is not None and not isinstance(item, str):
+            if processor is not None and not isinstance(item, str) and not torch.is_tensor(item):
                 from tunesmith.data.vision import generation_inputs
 
-                inputs = generation_inputs(processor, item, images[k] if images is not None else [])
+                inputs = generation_inputs(
+                    processor, item, images[k] if images is not None else [], chat_template_kwargs
+                )
                 inputs = {name: value.to(device) for name, value in inputs.items()}
                 with torch.no_grad():
                     generated = model.generate(
@@ -70,12 +74,10 @@ def generate(
                 continue
             if isinstance(item, str):
                 input_ids = tokenizer(item, return_tensors="pt").input_ids
+            elif torch.is_tensor(item):  # token ids, already rendered (generate_from_ids)
+                input_ids = item.reshape(1, -1)
             else:
-                input_ids = tokenizer.apply_chat_template(
-                    item, add_generation_prompt=True, tokenize=True, return_tensors="pt"
-                )
-                if not torch.is_tensor(input_ids):  # newer tokenizers return a BatchEncoding
-                    input_ids = input_ids["input_ids"]
+                input_ids = chat_prompt_ids(tokenizer, item, chat_template_kwargs)
             input_ids = input_ids.to(device)
             with torch.no_grad():
                 generated = model.generate(
@@ -92,6 +94,36 @@ def generate(
     finally:
         model.train(was_training)
     return outputs
+
+
+def generate_from_ids(model, tokenizer, prompt_ids, max_new_tokens: int = 128, **kwargs) -> list[str]:
+    """`generate` from prompts given as token id lists (rendered already, e.g. the prompt part of a
+    prepared eval document), greedy unless `do_sample=True`."""
+    return generate(
+        model,
+        tokenizer,
+        [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids],
+        max_new_tokens,
+        **kwargs,
+    )
+
+
+def chat_prompt_ids(tokenizer, messages, chat_template_kwargs: dict | None = None) -> torch.Tensor:
+    """(1, T) token ids of a conversation rendered with the generation prompt, as training renders it
+    (the same template variables: with `enable_thinking=False` a Qwen3-style template writes its empty
+    `<think></think>` block into the prompt)."""
+    from tunesmith.data.templates import check_template_kwargs
+
+    input_ids = tokenizer.apply_chat_template(
+        messages,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_tensors="pt",
+        **check_template_kwargs(chat_template_kwargs),
+    )
+    if not torch.is_tensor(input_ids):  # newer tokenizers return a BatchEncoding
+        input_ids = input_ids["input_ids"]
+    return input_ids
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

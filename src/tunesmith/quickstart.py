@@ -16,6 +16,7 @@ import datetime as dt
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 INSTRUCTION = "Write this date in ISO format (YYYY-MM-DD):"
 # A short system turn: it replaces SmolLM2's 19-token default one (fewer tokens per step), and it
@@ -114,8 +115,16 @@ QUICKSTART_CONFIG = {
         "save_strategy": "steps",
         "save_steps": 120,
         "save_total_limit": 1,
+        "overwrite_output_dir": True,  # a demo: running it again replaces the last one
         "seed": 0,
         "report_to": "none",
+    },
+    # exact match and chrF of greedy answers on 10 held-out dates at steps 0, 40, 80 and 120: the
+    # generation metric moving during training (eval_exact_match in metrics.jsonl, exact_match.png)
+    "eval": {
+        "eval_generation": {"steps": 40, "num_prompts": 10, "max_new_tokens": 14},
+        "eval_on_start": True,
+        "per_device_eval_batch_size": 8,
     },
 }
 NUM_TRAIN, NUM_HELDOUT = 2000, 50
@@ -154,24 +163,30 @@ def evaluate(
 
 
 def threads_for_a_busy_cpu(out=print) -> int | None:
-    """Use one torch thread when other processes already keep every core busy; return the count set.
+    """Use one torch thread when other processes already keep every core busy (`tunesmith.threads`, the
+    rule every command follows); return the count set, None when left alone."""
+    from tunesmith.threads import apply_thread_rule
 
-    torch's OpenMP threads wait for each other by spinning, and on an oversubscribed CPU that costs
-    far more than it gains: on this project's shared 2-core machine (load average 10) a 60-token
-    forward of the default model took 30 s with 2 threads and 0.6 s with 1. An explicit
-    OMP_NUM_THREADS is the user's choice and is left alone; so is an idle machine.
-    """
-    import os
-
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() == 1:
+    choice = apply_thread_rule()
+    if not choice.changed:
         return None
-    if os.getloadavg()[0] < (os.cpu_count() or 1):
-        return None
-    torch.set_num_threads(1)
     out("  the CPU is busy with other processes: using 1 thread (set OMP_NUM_THREADS to choose)")
     return 1
+
+
+def run_elsewhere(output_dir) -> list[str]:
+    """How to run the trained adapter in llama.cpp and Ollama: the report's last notes.
+
+    >>> run_elsewhere("runs/quickstart")[0]
+    'Run it in Ollama: `tunesmith export runs/quickstart --ollama runs/quickstart/ollama --type q8_0`, then `ollama create dates -f runs/quickstart/ollama/Modelfile && ollama run dates`'
+    """
+    folder = f"{output_dir}/ollama"
+    gguf = f"{folder}/{Path(output_dir).name}-q8_0.gguf"  # the name `export --ollama` gives it
+    return [
+        f"Run it in Ollama: `tunesmith export {output_dir} --ollama {folder} --type q8_0`, then "
+        f"`ollama create dates -f {folder}/Modelfile && ollama run dates`",
+        f"Run it in llama.cpp: the same export writes `{gguf}`; `llama-cli -m {gguf} -cnv` (or `llama-server -m ...`)",
+    ]
 
 
 def run_quickstart(
@@ -181,6 +196,7 @@ def run_quickstart(
     num_train: int = NUM_TRAIN,
     num_heldout: int = NUM_HELDOUT,
     out=print,
+    resume_command: str = "tunesmith train resume_from_checkpoint=true",
 ):
     """Measure the default model on held-out dates, train LoRA on the generated task, measure again.
 
@@ -197,6 +213,11 @@ def run_quickstart(
 
     if config is None:
         config = load_config(QUICKSTART_CONFIG, overrides)
+    from tunesmith.checkpoint import check_output_dir
+
+    check_output_dir(
+        config.output_dir, overwrite=config.overwrite_output_dir, resume=config.resume_from_checkpoint
+    )
     splits = make_splits(num_train, num_heldout, seed=config.seed)
     started = time.perf_counter()
     from tunesmith.models.load import DEFAULT_ALIASES
@@ -219,11 +240,32 @@ def run_quickstart(
         model,
         args=config,
         train_dataset=splits.train,
+        eval_dataset=splits.heldout if config.eval_generation else None,
         processing_class=tokenizer,
         callbacks=[MetricsCallback()],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    if trainer.stopped_by:
+        from tunesmith.callbacks import TrainingStopped
+
+        stop = TrainingStopped(
+            trainer.stopped_by, trainer.state.global_step, trainer.state.max_steps, resume_command
+        )
+        write_report(
+            config.output_dir,
+            title="tunesmith quick start (STOPPED EARLY)",
+            notes=[f"**{stop}**", f"exact match before training: {before:.1%}"],
+        )
+        raise stop
     trainer.save_model()
+    during = [
+        (r["step"], r["eval_exact_match"]) for r in trainer.state.log_history if "eval_exact_match" in r
+    ]
+    if during:
+        shown = ", ".join(f"step {step}: {value:.0%}" for step, value in during)
+        out(
+            f"  exact match during training ({len(trainer.generation_eval.sets['eval'])} held-out dates): {shown}"
+        )
 
     out("measuring the model after training ...")
     after, after_any, after_text = evaluate(trainer.model, tokenizer, splits.heldout)
@@ -235,17 +277,34 @@ def run_quickstart(
         Sample(p[-1]["content"].removeprefix(INSTRUCTION).strip(), r, b, a)
         for p, r, b, a in list(zip(prompts, references, before_text, after_text))[:5]
     ]
+    from tunesmith.threads import last_choice
+
     notes = [
         f"{len(splits.heldout)} held-out dates (none of them in the {len(splits.train)} training examples), greedy decoding",
         f"LoRA r={config.lora_r}, {config.max_steps} steps, learning rate {config.learning_rate}; "
         f"{minutes:.1f} minutes in all",
     ]
+    if last_choice() is not None:
+        notes.append(last_choice().line())
+    if during:
+        notes.append(
+            "exact match during training (eval_generation, greedy, "
+            f"{len(trainer.generation_eval.sets['eval'])} held-out dates): "
+            + ", ".join(f"step {step}: {value:.0%}" for step, value in during)
+        )
+    notes += run_elsewhere(config.output_dir)
+    from tunesmith.evaluation import report_sections
+
     report = write_report(
         config.output_dir,
         title="tunesmith quick start: dates to ISO 8601",
         metrics=metrics,
         samples=samples,
         notes=notes,
+        sections=report_sections(
+            trainer.state.log_history,
+            samples=trainer.generation_eval.samples if trainer.generation_eval is not None else (),
+        ),
     )
     rows = [[name, f"{b:.1%}", f"{a:.1%}"] for name, (b, a) in metrics.items()]
     out("")
@@ -258,4 +317,6 @@ def run_quickstart(
         )
     )
     out(f"\n{minutes:.1f} minutes. Adapter, metrics, plots and report.md in {config.output_dir}")
+    for line in run_elsewhere(config.output_dir):
+        out(f"  {line}")
     return QuickstartResult(before, after, before_any, after_any, report)

@@ -32,7 +32,20 @@ PLOTS = {
         "fraction of supervised tokens predicted right",
         [("mean_token_accuracy", "train"), ("eval_mean_token_accuracy", "eval")],
     ),
+    # eval_generation (tunesmith.evaluation); `*` stands for the name of each eval set that has the metric
+    "exact_match.png": (
+        "Exact match of greedy generations (held-out prompts)",
+        "fraction exactly right",
+        [("eval_exact_match", "eval"), ("eval_*_exact_match", "eval *")],
+    ),
+    "chrf.png": (
+        "chrF of greedy generations (held-out prompts)",
+        "chrF (0-100)",
+        [("eval_chrf", "eval"), ("eval_*_chrf", "eval *")],
+    ),
 }
+# eval losses of named eval sets (several sources: eval_<name>_loss) join the loss plot
+PLOTS["loss.png"][2].append(("eval_*_loss", "eval *"))
 
 
 class MetricsCallback(TrainerCallback):
@@ -50,22 +63,51 @@ class MetricsCallback(TrainerCallback):
         return self.output_dir or Path(args.output_dir)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # a fresh run (step 0) into a used folder starts a new file; a resumed run (step > 0) appends
+        # a fresh run (step 0) into a used folder starts a new file; a resumed run (step > 0) appends,
+        # after dropping what the interrupted run logged past the checkpoint it resumes from (those steps
+        # are trained again, so they would be in the file twice)
+        self._samples_written = sum("sample_output" in r for r in state.log_history)  # a resume's are written
         path = self._folder(args) / METRICS_FILE
-        if state.is_world_process_zero and state.global_step == 0 and path.exists():
+        if not state.is_world_process_zero or not path.exists():
+            return
+        if state.global_step == 0:
             path.unlink()
+            return
+        text = path.read_text()
+        records = read_metrics(path)
+        kept = [r for r in records if r.get("step", 0) <= state.global_step]
+        lines = [line for line in text.splitlines() if line.strip()]
+        # rewritten also when the killed run left a torn last line, which the next record would extend
+        if len(kept) != len(lines) or not text.endswith("\n"):
+            from tunesmith.checkpoint import atomic_file
+
+            with atomic_file(path) as partial:
+                partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "epoch": state.epoch}
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str)) and _finite(v)})
+        self._write([*self._new_samples(state), record], args)
+
+    def _new_samples(self, state) -> list[dict]:
+        """Sample generations (SampleGenerationCallback's records in the log history) not written yet."""
+        found = [r for r in state.log_history if "sample_output" in r]
+        new, self._samples_written = found[getattr(self, "_samples_written", 0) :], len(found)
+        return new
+
+    def _write(self, records: list[dict], args) -> None:
+        if not records:
+            return
         folder = self._folder(args)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write("".join(json.dumps(r) + "\n" for r in records))
 
     def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self._write(self._new_samples(state), args)
         if self.plots and state.is_world_process_zero and (self._folder(args) / METRICS_FILE).exists():
             plot_metrics(read_metrics(self._folder(args) / METRICS_FILE), self._folder(args))
 
@@ -104,7 +146,7 @@ def plot_metrics(records: Sequence[dict], output_dir: str | Path) -> list[Path]:
 
     written = []
     for filename, (title, ylabel, keys) in PLOTS.items():
-        lines = [(label, *series(records, key)) for key, label in keys]
+        lines = [(label, *series(records, key)) for key, label in _expand(keys, records)]
         lines = [(label, steps, values) for label, steps, values in lines if steps]
         if not lines:
             continue
@@ -121,6 +163,23 @@ def plot_metrics(records: Sequence[dict], output_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _expand(keys, records: Sequence[dict]) -> list[tuple[str, str]]:
+    """(metric key, label) pairs, with a `*` key matched against the records' keys (its label's `*`
+    becomes the matched part): ("eval_*_loss", "eval *") -> ("eval_math_loss", "eval math"), ..."""
+    out = []
+    for key, label in keys:
+        if "*" not in key:
+            out.append((key, label))
+            continue
+        head, tail = key.split("*")
+        names = sorted({k for r in records for k in r if k.startswith(head) and k.endswith(tail)})
+        for name in names:
+            part = name[len(head) : len(name) - len(tail)]
+            if part and len(name) >= len(head) + len(tail):  # "eval_loss" is not "eval_*_loss"
+                out.append((name, label.replace("*", part)))
+    return out
 
 
 @dataclass
@@ -151,6 +210,17 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def samples_from_history(log_history: Sequence[dict]) -> list[tuple[int, str, str]]:
+    """(step, prompt, output) of the `sample_prompts` generations in a trainer's log history.
+
+    >>> samples_from_history([{"loss": 1.0, "step": 5}, {"step": 5, "sample_prompt": "Hi", "sample_output": "Hello"}])
+    [(5, 'Hi', 'Hello')]
+    """
+    return [
+        (r["step"], str(r["sample_prompt"]), r["sample_output"]) for r in log_history if "sample_output" in r
+    ]
+
+
 def write_report(
     output_dir: str | Path,
     *,
@@ -158,10 +228,13 @@ def write_report(
     metrics: dict[str, tuple[float, float]] | None = None,
     samples: Sequence[Sample] = (),
     notes: Sequence[str] = (),
+    sections: Sequence[str] = (),
+    generations: Sequence[tuple[int, str, str]] = (),
 ) -> Path:
     """Write `output_dir/report.md`: the before/after table, sample generations and the plots.
 
     `metrics`: name -> (before, after), as fractions (shown as percentages); None: no table.
+    `generations`: (step, prompt, output) of the `sample_prompts` (see `samples_from_history`).
     """
     output_dir = Path(output_dir)
     parts = [f"# {title}", ""]
@@ -177,10 +250,18 @@ def write_report(
                 [[s.prompt, s.reference, s.before, s.after] for s in samples],
             )
         )
+    if sections:  # markdown lines of other parts (tunesmith.evaluation.report_sections)
+        parts += ["", *sections]
+    if generations:
+        parts += ["", "## Generations from sample_prompts", ""]
+        parts.append(markdown_table(["step", "prompt", "output"], [list(g) for g in generations]))
     pictures = [name for name in PLOTS if (output_dir / name).exists()]
     if pictures:
         parts += ["", "## Training curves", ""] + [f"![{name}]({name})" for name in pictures]
+    from tunesmith.checkpoint import atomic_file
+
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "report.md"
-    path.write_text("\n".join(parts) + "\n")
+    with atomic_file(path) as partial:  # a crash leaves the old report or the new one
+        partial.write_text("\n".join(parts) + "\n")
     return path

@@ -25,7 +25,9 @@ import inspect
 import logging
 import math
 import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,16 +123,24 @@ class SFTTrainer(Trainer):
             args.max_length = int(model_max_length)
         _fall_back_from_bitsandbytes(args)
 
+        # Seed before anything random is made (LoRA's initialisation, a model loaded by name), not only in
+        # Trainer.__init__ below, which runs after: two runs of one config then agree from step 1.
+        _seed_everything(args)
         model, self.memory_policy = _prepare_model(model, args, peft_config)
         processing_class = _prepare_tokenizer(processing_class, model, args)
         skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
         # TRL's vision recipe: a processor and the user's own collator, which reads the raw rows
         raw_vision = data_collator is not None and _is_processor(processing_class)
         skip_prepare = skip_prepare or raw_vision
+        # what prepare_dataset did to each split (examples in/out, truncated, dropped, how files were read)
+        self.data_stats: dict = {}
         if not skip_prepare:
             train_dataset, eval_dataset = _prepare_datasets(
-                train_dataset, eval_dataset, processing_class, args, formatting_func
+                train_dataset, eval_dataset, processing_class, args, formatting_func, stats=self.data_stats
             )
+        self.mixture_stats = getattr(
+            train_dataset, "mixture_stats", None
+        )  # several sources: per-source lines
         # evaluate(eval_dataset=raw) prepares it as the constructor's eval_dataset
         self._formatting_func, self._skip_prepare = formatting_func, skip_prepare
         if data_collator is None:
@@ -163,23 +173,54 @@ class SFTTrainer(Trainer):
                 list(getattr(train_dataset, "column_names", None) or []) + _DATASET_COLUMNS
             )
         self.nonfinite_guard = NonFiniteLossGuard()
-        self.add_callback(SignalCheckpointCallback())
+        self._step_rows: list[int] = []
+        self._signal_stop = SignalCheckpointCallback()
+        self.add_callback(self._signal_stop)
         if self.args.device.type == "cpu":
             self.add_callback(ReleaseHostMemoryCallback())
         if args.sample_prompts:
-            self.add_callback(SampleGenerationCallback(args.sample_prompts, args.sample_max_new_tokens))
+            self.add_callback(
+                SampleGenerationCallback(
+                    args.sample_prompts,
+                    args.sample_max_new_tokens,
+                    chat_template_kwargs=args.chat_template_kwargs,
+                )
+            )
         self._window = _TokenCounters(self.args.device)
         self._window_start = time.perf_counter()
         self._eval_totals: torch.Tensor | None = None
+        self.generation_eval = _generation_evaluator(self, args, skip_prepare)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer.train; `resume_from_checkpoint=True` takes the newest *complete* checkpoint in
+        `output_dir` (saying which, and why newer ones were skipped), a path is checked to be complete
+        first (see `tunesmith.checkpoint`)."""
+        from tunesmith.checkpoint import resolve_resume
+
+        resume_from_checkpoint = resolve_resume(self.args.output_dir, resume_from_checkpoint)
         # tokens/s counts from the first step, not from the trainer's construction
         self._window.reset()
         self._window_start = time.perf_counter()
-        output = super().train(*args, **kwargs)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.stopped_by:
+            logger.warning(
+                "stopped at step %d of %d (%s); the checkpoint is in %s; resume with resume_from_checkpoint=True",
+                self.state.global_step,
+                self.state.max_steps,
+                self.stopped_by,
+                os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}"),
+            )
         if self.memory_policy is not None and self.memory_policy.policy == "auto":
             logger.info(self.memory_policy.summary())
         return output
+
+    @property
+    def stopped_by(self) -> str | None:
+        """ "SIGTERM" / "SIGINT" when the last `train()` stopped early on that signal (after saving a
+        checkpoint), else None (also when the signal came during the last step: the run is complete)."""
+        if self.state.max_steps and self.state.global_step >= self.state.max_steps:
+            return None
+        return self._signal_stop.signal_name
 
     # ------------------------------------------------------------------ loss
 
@@ -193,6 +234,8 @@ class SFTTrainer(Trainer):
         loss_sum, num_correct, entropy_sum = self._loss_sum(model, inputs)
         num_supervised = (shift_labels != IGNORE_INDEX).sum()
         self.nonfinite_guard.check(loss_sum, self.state.global_step, example_index)
+        if model.training and example_index is not None:
+            self._step_rows.extend(example_index)  # named if this optimizer step's gradient is non-finite
 
         # Divide by the supervised tokens of the whole optimizer step (all micro-batches, all
         # processes) so that accumulation and data parallelism do not change the result.
@@ -224,7 +267,7 @@ class SFTTrainer(Trainer):
             softcap=_final_logit_softcap(model),
             dft=self.args.loss_type == "dft",
             reduction="sum",
-            impl="auto" if self.args.use_kernels else "reference",
+            impl=_loss_impl(self.args),
             return_entropy=self.args.log_entropy,
         )
         return out if self.args.log_entropy else (*out, torch.zeros((), device=hidden.device))
@@ -285,6 +328,18 @@ class SFTTrainer(Trainer):
                 output.metrics[f"{metric_key_prefix}_entropy"] = entropy / supervised
             output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(eval_loss, 700.0))
             output.metrics[f"{metric_key_prefix}_num_supervised_tokens"] = int(supervised)
+        if (
+            getattr(self, "generation_eval", None) is not None
+        ):  # eval_generation: exact match and chrF of greedy answers
+            output.metrics.update(
+                self.generation_eval.run(
+                    self.model,
+                    self.processing_class,
+                    metric_key_prefix,
+                    self.state.global_step,
+                    output_dir=self.args.output_dir if self.is_world_process_zero() else None,
+                )
+            )
         return output
 
     # ------------------------------------------------------------------ optimizer, logging, saving
@@ -331,13 +386,158 @@ class SFTTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Write the adapter (LoRA) or the full model, the tokenizer with its chat template, and the
         resolved config (`tunesmith_config.yaml`) to `output_dir` (default `args.output_dir`).
-        Trainer calls this for every checkpoint too, so each checkpoint folder holds its config."""
-        super().save_model(output_dir, _internal_call)
+        Trainer calls this for every checkpoint too, so each checkpoint folder holds its config.
+
+        Crash-safe: written into a staging folder first, then each file moved into place with
+        `os.replace`, so a kill leaves every file old or new, never torn. (A checkpoint's call is
+        already inside `_save_checkpoint`'s staging folder.)"""
+        if _internal_call:
+            super().save_model(output_dir, _internal_call)
+            if self.args.should_save:
+                self.args.save_resolved(output_dir or self.args.output_dir)
+            return
+        from tunesmith import checkpoint as ckpt
+
+        target = output_dir or self.args.output_dir
+        staged = Path(target) / ckpt.STAGING / "model"
         if self.args.should_save:
-            self.args.save_resolved(output_dir or self.args.output_dir)
+            ckpt.staging_dir(target, "model")
+        self.accelerator.wait_for_everyone()
+        try:
+            super().save_model(str(staged), _internal_call=True)  # no Hub push from the staging folder
+            if self.args.should_save:
+                self.args.save_resolved(staged)
+                ckpt.publish_files(staged, target)
+        except Exception as err:
+            if ckpt.is_disk_full(err, target, _model_bytes(self.model)):
+                shutil.rmtree(staged, ignore_errors=True)
+                raise ckpt.space_error(target, "the final model", _model_bytes(self.model), err) from None
+            raise
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A checkpoint of a model with tied weights (SmolLM2's lm_head is its embedding matrix) stores the
+        # matrix once; the tied name is "missing" but loaded through its twin: not worth a warning
+        first: dict[int, str] = {}
+        tied = set()
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(param), name) != name:
+                tied.add(name)
+        if tied and hasattr(load_result, "_replace"):  # torch's _IncompatibleKeys, a named tuple
+            load_result = load_result._replace(
+                missing_keys=[k for k in load_result.missing_keys if k not in tied]
+            )
+        super()._issue_warnings_after_load(load_result)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Trainer calls this once per optimizer step, after clipping and before `optimizer.step()`: a NaN /
+        # inf norm stops there, so its update is never applied, naming the rows of that step's batches
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        rows, self._step_rows = self._step_rows, []
+        if grad_norm is not None:
+            self.nonfinite_guard.check_grad_norm(
+                grad_norm,
+                self.state.global_step,
+                rows,
+                learning_rate=self._get_learning_rate(),
+                max_grad_norm=self.args.max_grad_norm,
+            )
+        return grad_norm
+
+    def _get_output_dir(self, trial) -> str:
+        # while a checkpoint is written, Trainer's own save goes into the staging folder
+        staging = getattr(self, "_staging_root", None)
+        return str(staging) if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint (weights, optimizer, scheduler, RNG states, trainer state, tokenizer,
+        config), written into `output_dir/.tunesmith-staging/checkpoint-N`, flushed, given its manifest,
+        then renamed to `output_dir/checkpoint-N`; older checkpoints rotate away only after that."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        from tunesmith import checkpoint as ckpt
+
+        run_dir = super()._get_output_dir(trial)
+        step = self.state.global_step
+        name = f"checkpoint-{step}"
+        root = Path(run_dir) / ckpt.STAGING
+        last = ckpt.newest_complete(run_dir)
+        needed = ckpt.folder_size(last) if last else None  # the next checkpoint needs about as much
+        intact = (
+            f"the last complete checkpoint, {last.name}, is intact" if last else "no checkpoint was saved yet"
+        )
+        if self.args.should_save:
+            if root.exists():
+                shutil.rmtree(root)  # what a killed save left behind
+            free = shutil.disk_usage(run_dir).free
+            if needed and free < needed:
+                _remove_empty(root.parent)
+                raise ckpt.space_error(run_dir, name, needed, intact=intact)
+            root.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = root
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as err:
+            needed = needed or _model_bytes(self.model)
+            if ckpt.is_disk_full(err, run_dir, needed):
+                shutil.rmtree(root, ignore_errors=True)
+                raise ckpt.space_error(run_dir, name, needed, err, intact=intact) from None
+            raise
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged, final = root / name, Path(run_dir) / name
+            best = self.state.best_global_step
+            if best:  # Trainer looked for the best checkpoint in the staging folder: point it at the real one
+                best_dir = Path(run_dir) / f"checkpoint-{best}"
+                if best == step or best_dir.exists():
+                    self.state.best_model_checkpoint = str(best_dir)
+                    self.state.save_to_json(str(staged / "trainer_state.json"))
+            ckpt.fsync_tree(staged)
+            ckpt.write_manifest(staged, step)
+            ckpt.publish_checkpoint(staged, final)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
 
 
 UnslothTrainer = SFTTrainer
+
+
+def _seed_everything(args: SFTConfig) -> None:
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _model_bytes(model) -> int:
+    """A lower bound of what a save writes: the trainable weights (+ AdamW's two fp32 moments each),
+    or every weight for a full fine-tune."""
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    if trainable == sum(p.numel() for p in params):
+        weights = sum(p.numel() * p.element_size() for p in params)
+    else:
+        weights = trainable * 4
+    return weights + trainable * 8
 
 
 # ---------------------------------------------------------------------- model helpers
@@ -538,6 +738,14 @@ def _apply_old_kwargs(args: SFTConfig, processing_class, old_kwargs: dict):
     return processing_class
 
 
+def _loss_impl(args: SFTConfig) -> str:
+    """The fused loss's impl: the full-logits reference without kernels, the chunked PyTorch path with
+    triton_kernels=False, else "auto" (its Triton kernel on CUDA once checked, ops.selfcheck)."""
+    if not args.use_kernels:
+        return "reference"
+    return "auto" if args.triton_kernels else "chunked"
+
+
 def _fall_back_from_bitsandbytes(args: SFTConfig) -> None:
     name = OptimizerNames(args.optim).value
     needs_bnb = "8bit" in name or "bnb" in name or name.startswith("paged_")
@@ -601,7 +809,7 @@ def _prepare_model(model, args: SFTConfig, peft_config):
     if args.use_kernels:
         from tunesmith.ops.apply import optimize
 
-        optimize(model)
+        optimize(model, impl="auto" if args.triton_kernels else "torch")
     handle = None
     if not args.gradient_checkpointing:
         policy = "offload" if args.activation_offloading else args.memory_policy
@@ -694,7 +902,7 @@ def _warn_if_16bit_full_finetune(model, args: SFTConfig) -> None:
 
 def _check_before_work(args: SFTConfig, train_dataset, formatting_func) -> None:
     """The settings TRL refuses when the trainer is built, refused here too, before anything loads."""
-    if train_dataset is None:
+    if train_dataset is None and not args.datasets:
         raise ValueError(
             "SFTTrainer: `train_dataset` is required (got None). Pass train_dataset=... (a datasets.Dataset, a "
             "list of dicts, a file or folder path, or a Hub dataset name); to only evaluate, pass the eval data "
@@ -714,7 +922,7 @@ def _set_pad_token(tokenizer, args: SFTConfig) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool, name: str):
+def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool, name: str, stats=None):
     if dataset is None:
         return None
     import datasets
@@ -726,6 +934,8 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
         _notice_vision_settings(args)
         prepared = prepare_vision_dataset(dataset, tokenizer, max_length=args.max_length)
         logger.debug("%s dataset: %s", name, prepared.stats)
+        if stats is not None:
+            stats[name] = prepared.stats  # VisionStats: .summary() as DataStats
         return prepared
 
     _refuse_images_without_processor(dataset, name)
@@ -734,6 +944,8 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
     kwargs["streaming"] = isinstance(dataset, datasets.IterableDataset)
     prepared = prepare_dataset(dataset, tokenizer, **kwargs)
     logger.debug("%s dataset: %s", name, prepared.stats)
+    if stats is not None:
+        stats[name] = prepared.stats
     data = prepared.dataset
     if isinstance(data, datasets.Dataset) and "example_index" not in data.column_names:
         # carried through the collator so that a non-finite loss can name the rows that caused it
@@ -878,10 +1090,74 @@ def _prepare_tokenizer(tokenizer, model, args: SFTConfig):
     return tokenizer
 
 
-def _prepare_datasets(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func):
+def _prepare_datasets(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func, stats=None):
     """Both splits through `prepare_dataset`; the eval split packed as `eval_packing` says."""
-    train_dataset = _prepare(train_dataset, tokenizer, args, formatting_func, args.packing, "train")
+    from tunesmith.data.mixture import is_mixture
+
+    if args.datasets or is_mixture(train_dataset):
+        return _prepare_mixture(train_dataset, eval_dataset, tokenizer, args, formatting_func)
+    train_dataset = _prepare(train_dataset, tokenizer, args, formatting_func, args.packing, "train", stats)
     return train_dataset, _prepare_eval(eval_dataset, tokenizer, args, formatting_func)
+
+
+def _generation_evaluator(trainer, args: SFTConfig, skip_prepare: bool):
+    """eval_generation and early stopping wired in: the evaluator (or None), the final evaluation and the
+    EarlyStoppingCallback; a metric_for_best_model that no evaluation logs is refused here."""
+    from tunesmith.evaluation import (
+        FinalEvaluationCallback,
+        GenerationEvaluator,
+        GenerationSettings,
+        check_best_metric,
+    )
+
+    evaluator = None
+    settings = GenerationSettings.parse(args.eval_generation)
+    if settings is not None:
+        if trainer.eval_dataset is None or skip_prepare:
+            raise ValueError(
+                "eval_generation needs a prepared eval set: pass eval_dataset (or give a source of `datasets` an "
+                "`eval` / `eval_examples`)"
+            )
+        evaluator = GenerationEvaluator.from_eval_datasets(
+            settings, trainer.eval_dataset, trainer.processing_class
+        )
+        trainer.add_callback(FinalEvaluationCallback(evaluator))
+    check_best_metric(args, trainer.eval_dataset, evaluator, trainer.compute_metrics)
+    if args.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(
+            EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold)
+        )
+    return evaluator
+
+
+def _prepare_mixture(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func):
+    """Several sources (`args.datasets`, or a dict / DatasetSource list as train_dataset) mixed by weight
+    (`data.mixture`); their eval sets become a dict {source name: rows}, so metrics are eval_<name>_loss. A
+    given eval_dataset joins them (a single one under the name "main")."""
+    from tunesmith.data.mixture import prepare_mixture
+    from tunesmith.data.pipeline import prepare_dataset
+
+    if args.datasets and train_dataset is not None:
+        raise ValueError(
+            "SFTTrainer: both `datasets` (in the config) and train_dataset are given; pass the sources one way"
+        )
+    kwargs = pipeline_kwargs(prepare_dataset, args, formatting_func, args.packing)
+    mixture = prepare_mixture(
+        args.datasets or train_dataset, tokenizer, eval_packing=args.eval_packing, **kwargs
+    )
+    train = mixture.dataset.add_column("example_index", list(range(len(mixture.dataset))))
+    evals = dict(mixture.eval_datasets)
+    given = (
+        _prepare_eval(eval_dataset, tokenizer, args, formatting_func) if eval_dataset is not None else None
+    )
+    if isinstance(given, dict):
+        evals.update(given)
+    elif given is not None:
+        evals["main"] = given
+    train.mixture_stats = mixture.stats  # read by SFTTrainer.__init__ (the report's per-source lines)
+    return train, (evals or None)
 
 
 def _prepare_eval(eval_dataset, tokenizer, args: SFTConfig, formatting_func):

@@ -44,7 +44,7 @@ FORMATS: tuple[str, ...] = tuple(FORMAT_COLUMNS)
 
 # Column names we know, for "did you mean" suggestions on misspelled columns.
 KNOWN_COLUMNS = ("text", "prompt", "response", "completion", "instruction", "input", "output",
-                 "messages", "conversations", "tools", "input_ids", "labels")  # fmt: skip
+                 "messages", "conversations", "tools", "input_ids", "labels", "chat_template_kwargs")  # fmt: skip
 
 # ShareGPT speaker names -> roles. "function_call" is an assistant turn that calls a tool;
 # "observation" / "function_response" are the tool's answer.
@@ -54,6 +54,10 @@ SHAREGPT_ROLES = {
     "function_response": "tool", "ipython": "tool", "function_call": "assistant",
 }  # fmt: skip
 ROLES = ("system", "user", "assistant", "tool")
+# Per-example extra variables for the chat template (over the config's chat_template_kwargs)
+TEMPLATE_KWARGS_COLUMN = "chat_template_kwargs"
+# An assistant message's reasoning trace (kept as both names; see _reasoning)
+REASONING_KEYS = ("reasoning_content", "thinking")
 
 # The Stanford Alpaca prompts (the format's definition, so they must be exactly these).
 ALPACA_PROMPT_WITH_INPUT = (
@@ -241,7 +245,7 @@ def normalize_example(
         field = "messages" if fmt == "messages" else "conversations"
         messages = _messages(example.get(field), field, where)
         check_roles(messages, where=where, field=field)
-        return _with_tools({"messages": messages}, example, where)
+        return _with_template_kwargs(_with_tools({"messages": messages}, example, where), example, where)
     if fmt == "conversational_prompt_completion":
         prompt = _messages(example.get("prompt"), "prompt", where)
         completion = _messages(example.get("completion"), "completion", where)
@@ -251,7 +255,8 @@ def normalize_example(
                 f"starts with {completion[0]['role']!r}"
             )
         check_roles(prompt + completion, where=where, field="prompt + completion")
-        return _with_tools({"prompt": prompt, "completion": completion}, example, where)
+        out = _with_tools({"prompt": prompt, "completion": completion}, example, where)
+        return _with_template_kwargs(out, example, where)
     if fmt == "tokenized":
         return _tokenized(example, where)
     if fmt == "formatting_func":
@@ -377,19 +382,47 @@ def _message(msg, where: str) -> dict:
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             raise DataError(f"{where}, content: only text parts are supported")
         content = "".join(p.get("text") or "" for p in content)
-    if content is None and "tool_calls" in out:
+    reasoning = _reasoning(msg, role, where)
+    if content is None and ("tool_calls" in out or reasoning is not None):
         content = ""
     if not isinstance(content, str):
         raise DataError(
             f"{where}, content: expected a string, got {type(content).__name__} ({content!r:.60})"
         )
-    if not content.strip() and "tool_calls" not in out:
+    if not content.strip() and "tool_calls" not in out and reasoning is None:
         raise DataError(f"{where}, content: is an empty string; remove the message or fill it in")
     out["content"] = content
     for key in ("name", "tool_call_id"):  # some templates render these for tool messages
         if msg.get(key) is not None:
             out[key] = msg[key]
+    if reasoning is not None:
+        # both names: Qwen3 / DeepSeek-style templates read reasoning_content, gpt-oss-style ones thinking
+        out["reasoning_content"] = out["thinking"] = reasoning
     return out
+
+
+def _reasoning(msg: dict, role: str, where: str) -> str | None:
+    """An assistant message's reasoning trace: `reasoning_content`, or `thinking` (the same field under
+    the name gpt-oss-style templates use). None when absent, null or blank (Arrow gives null to a
+    message without the key when another message of the dataset has it)."""
+    given = {key: msg.get(key) for key in REASONING_KEYS if msg.get(key) is not None}
+    if not given:
+        return None
+    if role != "assistant":
+        raise DataError(
+            f"{where}: only assistant messages may have {' / '.join(given)}, this one is {role!r}"
+        )
+    for key, value in given.items():
+        if not isinstance(value, str):
+            raise DataError(
+                f"{where}, {key}: expected a string (the reasoning text), got {type(value).__name__} ({value!r:.60})"
+            )
+    values = [v for v in given.values() if v.strip()]
+    if len(set(values)) > 1:
+        raise DataError(
+            f"{where}: reasoning_content and thinking hold different texts; keep one of them (they are one field)"
+        )
+    return values[0] if values else None
 
 
 def _sharegpt_function_call(value, where: str) -> dict:
@@ -443,6 +476,49 @@ def _with_tools(out: dict, example: dict, where: str) -> dict:
         raise DataError(f"{where}, field 'tools': expected a list of tool (JSON schema) dicts")
     if tools:
         out["tools"] = [_drop_nulls(t) for t in tools]
+    return out
+
+
+def with_system_prompt(normalized: dict, system_prompt: str, fmt: str, index=None) -> dict:
+    """A normalised conversation with `system_prompt` as its system message, unless it has one of its
+    own (the example's wins). Only conversations have a system turn: other kinds are an error.
+
+        >>> with_system_prompt({"messages": [{"role": "user", "content": "hi"}]}, "Be brief.", "messages")
+        {'messages': [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'hi'}]}
+    """
+    key = "messages" if "messages" in normalized else "prompt"
+    turns = normalized.get(key)
+    if not isinstance(turns, list):
+        raise DataError(
+            f"{_where(index)}: system_prompt applies to conversations (messages, ShareGPT, conversational "
+            f"prompt/completion), but this source is {fmt!r}; put the instruction in the prompt text instead"
+        )
+    if turns and turns[0]["role"] == "system":
+        return normalized
+    return {**normalized, key: [{"role": "system", "content": system_prompt}, *turns]}
+
+
+def _with_template_kwargs(out: dict, example: dict, where: str) -> dict:
+    """The example's own `chat_template_kwargs` column (a dict, or a JSON object as a string), e.g.
+    {"enable_thinking": false}: extra variables for the chat template, over the config's."""
+    value = example.get(TEMPLATE_KWARGS_COLUMN)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return out
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)  # JSON only: nothing from the data is ever evaluated
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{where}, field {TEMPLATE_KWARGS_COLUMN!r}: not valid JSON ({err.msg}, column {err.colno})"
+            ) from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise DataError(
+            f"{where}, field {TEMPLATE_KWARGS_COLUMN!r}: expected a mapping of template variables, e.g. "
+            f'{{"enable_thinking": false}}, got {type(value).__name__} ({value!r:.60})'
+        )
+    value = {k: v for k, v in value.items() if v is not None}  # Arrow's nulls for keys of other rows
+    if value:
+        out[TEMPLATE_KWARGS_COLUMN] = value
     return out
 
 

@@ -43,8 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tunesmith.data import packing as packing_ops
-from tunesmith.data.formats import detect_format, normalize_example
-from tunesmith.data.sources import describe_source, load_source
+from tunesmith.data.formats import detect_format, normalize_example, with_system_prompt
+from tunesmith.data.sources import describe_source, file_notes, load_source
 
 logger = logging.getLogger("tunesmith.data")
 
@@ -84,12 +84,16 @@ class DataStats:
     cache_path: str | None = None
     seconds: float = 0.0
     streaming: bool = False
+    read_notes: list = field(
+        default_factory=list
+    )  # how the file was read: a byte-order mark, CRLF (sources.file_notes)
 
     def summary(self) -> str:
         """A few lines for the log and the CLI."""
         lines = [f"data: {self.source} ({self.format})" + (", streaming" if self.streaming else "")]
         if self.cache_hit:
             lines.append(f"  reused from cache {self.cache_path}")
+        lines += [f"  read: {note}" for note in self.read_notes]
         counted = " so far" if self.streaming else ""
         lines.append(f"  examples: {self.examples_in} in, {self.examples_out} out{counted}")
         if self.truncated:
@@ -144,6 +148,10 @@ def prepare_dataset(
     completion_only_loss=None,
     assistant_only_loss=None,
     train_on_inputs=False,
+    chat_template_kwargs=None,
+    train_on_reasoning="last",
+    column_mapping=None,
+    system_prompt=None,
     max_length=1024,
     truncation_mode="keep_start",
     packing=False,
@@ -170,6 +178,7 @@ def prepare_dataset(
     """
     started = time.perf_counter()
     _check_settings(max_length, truncation_mode, packing, packing_strategy)
+    _check_reasoning_settings(chat_template_kwargs, train_on_reasoning)
     if formatting_func is not None:
         check_formatting_func_options(completion_only_loss)
     dataset_kwargs = dict(dataset_kwargs or {})
@@ -184,6 +193,10 @@ def prepare_dataset(
         "completion_only_loss": completion_only_loss,
         "assistant_only_loss": assistant_only_loss,
         "train_on_inputs": train_on_inputs,
+        "chat_template_kwargs": chat_template_kwargs,
+        "train_on_reasoning": train_on_reasoning,
+        "column_mapping": column_mapping,
+        "system_prompt": system_prompt,
         "max_length": max_length,
         "truncation_mode": truncation_mode,
         "packing": packing,
@@ -202,8 +215,12 @@ def prepare_dataset(
         "completion_only_loss": completion_only_loss,
         "assistant_only_loss": assistant_only_loss,
         "train_on_inputs": train_on_inputs,
+        "chat_template_kwargs": chat_template_kwargs,
+        "train_on_reasoning": train_on_reasoning,
+        "system_prompt": system_prompt,
     }
     stats = DataStats(source=describe_source(source), max_length=max_length, streaming=streaming)
+    stats.read_notes = file_notes(source)
     if skip:
         dataset = load_source(source, split=split, streaming=streaming, **dataset_kwargs)
         stats.format = "skipped (dataset_kwargs.skip_prepare_dataset)"
@@ -214,6 +231,7 @@ def prepare_dataset(
 
     if streaming:
         dataset = load_source(source, split=split, streaming=True, **dataset_kwargs)
+        dataset = rename_columns(dataset, column_mapping, stats.source)
         return _prepare_stream(dataset, tokenizer, stats, options, settings, dataset_num_proc)
 
     cache_path = None
@@ -227,11 +245,18 @@ def prepare_dataset(
                 return cached
     if dataset is None:
         dataset = load_source(source, split=split, streaming=False, **dataset_kwargs)
+    dataset = rename_columns(dataset, column_mapping, stats.source)
 
     stats.examples_in = len(dataset)
     stats.format = _detect(dataset, options)
     check_loss_format(stats.format, assistant_only_loss, stats.source, dataset.column_names)
     table = _tokenize_dataset(dataset, tokenizer, stats.format, options, dataset_num_proc)
+    if len(table) > stats.examples_in:
+        logger.info(
+            "%s: %d examples from %d rows: train_on_reasoning=all and the chat template drops the reasoning of "
+            "earlier turns, so each such turn is also trained as the last turn of an example of its own",
+            stats.source, len(table), stats.examples_in,
+        )  # fmt: skip
     table = _truncate_and_pack(table, stats, settings)
     if len(table) == 0:
         raise ValueError(
@@ -245,6 +270,29 @@ def prepare_dataset(
         _save_cached(cache_path, result, stats)
     logger.info("%s", stats.summary())
     return PreparedDataset(result, stats)
+
+
+def rename_columns(dataset, column_mapping, source: str):
+    """The dataset with columns renamed by `column_mapping` ({source column: new name}, e.g.
+    {question: prompt, answer: completion}); a column it names that is missing is an error."""
+    if not column_mapping:
+        return dataset
+    from tunesmith.data.sources import DataError
+
+    columns = list(dataset.column_names or [])
+    missing = [c for c in column_mapping if c not in columns]
+    if missing and columns:
+        raise DataError(
+            f"{source}: the column mapping names column(s) {', '.join(map(repr, missing))} that the data does "
+            f"not have; columns found: {', '.join(columns)}"
+        )
+    clashes = [new for old, new in column_mapping.items() if new in columns and new not in column_mapping]
+    if clashes:
+        raise DataError(
+            f"{source}: the column mapping renames to {', '.join(map(repr, clashes))}, which the data already has; "
+            "map that column away too or leave it out of the mapping"
+        )
+    return dataset.rename_columns(dict(column_mapping))
 
 
 # Source formats whose examples are conversations (what assistant_only_loss needs)
@@ -273,6 +321,17 @@ def check_loss_format(fmt: str, assistant_only_loss, source: str, columns) -> No
             f"{fmt!r} (columns: {', '.join(map(str, columns)) or 'none'}). Set assistant_only_loss=False (or "
             "leave it unset); for prompt/completion data completion_only_loss (on by default) already trains "
             "the completion only."
+        )
+
+
+def _check_reasoning_settings(chat_template_kwargs, train_on_reasoning) -> None:
+    from tunesmith.data.templates import check_template_kwargs
+    from tunesmith.data.tokenize import TRAIN_ON_REASONING
+
+    check_template_kwargs(chat_template_kwargs)
+    if train_on_reasoning not in TRAIN_ON_REASONING:
+        raise ValueError(
+            f"train_on_reasoning={train_on_reasoning!r} is not one of {', '.join(TRAIN_ON_REASONING)}"
         )
 
 
@@ -356,6 +415,9 @@ def _tokenize_options(tokenizer, fmt: str, options: dict) -> dict:
         "train_on_inputs": options["train_on_inputs"],
         "chat_template": chat_template,
         "eos_token": options["eos_token"],
+        "chat_template_kwargs": options["chat_template_kwargs"],
+        "train_on_reasoning": options["train_on_reasoning"],
+        "system_prompt": options["system_prompt"],
         "dataset_text_field": options["dataset_text_field"],
         "formatting_func": options["formatting_func"],
     }
@@ -367,14 +429,32 @@ def _tokenize_batch(batch: dict, indices: list[int], *, fmt: str, tokenizer, opt
     columns = list(batch)
     for j, index in enumerate(indices):
         example = {column: batch[column][j] for column in columns}
-        ids, example_labels = _tokenize_one(example, index, fmt, tokenizer, options)
-        input_ids.append(ids)
-        labels.append(example_labels)
+        for ids, example_labels in _tokenize_rows(example, index, fmt, tokenizer, options):
+            input_ids.append(ids)
+            labels.append(example_labels)
     return {"input_ids": input_ids, "labels": labels}
 
 
 def _tokenize_one(example: dict, index: int, fmt: str, tokenizer, options: dict) -> tuple[list, list]:
-    """One source row -> (input_ids, labels): normalise, then tokenize; pre-tokenized rows pass through."""
+    """One source row -> (input_ids, labels): normalise, then tokenize; pre-tokenized rows pass through.
+    (Streaming keeps one example per row: a conversation's extra per-turn examples are not made there.)"""
+    rows = _tokenize_rows(example, index, fmt, tokenizer, options)
+    if len(rows) > 1 and "stream-extra" not in _NOTED:
+        _NOTED.add("stream-extra")
+        logger.warning(
+            "streaming: train_on_reasoning=all would also train each earlier turn whose reasoning the template "
+            "drops as an example of its own; a stream keeps one example per row, so those turns train their "
+            "answers only"
+        )
+    return rows[0]
+
+
+_NOTED: set[str] = set()
+
+
+def _tokenize_rows(example: dict, index: int, fmt: str, tokenizer, options: dict) -> list[tuple[list, list]]:
+    """One source row -> [(input_ids, labels), ...]: one example, plus, with train_on_reasoning=all on a
+    template that drops past reasoning, one per earlier turn whose reasoning it dropped (tokenize.py)."""
     normalized = normalize_example(
         example,
         fmt,
@@ -384,9 +464,16 @@ def _tokenize_one(example: dict, index: int, fmt: str, tokenizer, options: dict)
     )
     from tunesmith.data.tokenize import tokenize_example
 
-    kwargs = {k: v for k, v in options.items() if k not in ("dataset_text_field", "formatting_func")}
+    if options.get("system_prompt"):
+        normalized = with_system_prompt(normalized, options["system_prompt"], fmt, index)
+    kwargs = {
+        k: v
+        for k, v in options.items()
+        if k not in ("dataset_text_field", "formatting_func", "system_prompt")
+    }
     out = tokenize_example(normalized, tokenizer, index=index, **kwargs)
-    return out["input_ids"], out["labels"]
+    extra = [(e["input_ids"], e["labels"]) for e in out.get("extra_examples", ())]
+    return [(out["input_ids"], out["labels"]), *extra]
 
 
 def _truncate_and_pack(table: pa.Table, stats: DataStats, settings: dict) -> pa.Table:

@@ -222,6 +222,9 @@ def _load_path(path: Path, *, split, streaming, **load_kwargs):
             )
         files = [path]
 
+    if any(_has_bom(f) for f in files if f.suffix.lower() != ".parquet"):
+        # Windows editors save UTF-8 with a byte-order mark; the readers take it away with utf-8-sig
+        load_kwargs.setdefault("encoding", "utf-8-sig")
     field = load_kwargs.pop("field", None)
     columnar = []  # {"col": [...], ...} files: pyarrow would read each as a single row
     for file in files:
@@ -278,8 +281,46 @@ def _validate_file(path: Path) -> str | dict | None:
     return None  # .csv: UTF-8 checked; the CSV parser reports its own problems
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _has_bom(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(3) == _BOM
+
+
+def file_notes(source) -> list[str]:
+    """How a local file (or the files of a folder) deviates from plain UTF-8 with \\n line ends in ways
+    that are read fine but worth a line in the data summary: a byte-order mark, CRLF line ends.
+
+    >>> file_notes([{"text": "a list, not a file"}])
+    []
+    """
+    if not isinstance(source, (str, os.PathLike)) or not os.path.exists(source):
+        return []
+    path = Path(source)
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    files = [p for p in files if p.suffix.lower() in (".jsonl", ".json", ".csv")]
+    with_bom = [p.name for p in files if _has_bom(p)]
+    crlf = []
+    for p in files:
+        with open(p, "rb") as f:
+            if b"\r\n" in f.read(1 << 16):
+                crlf.append(p.name)
+    notes = []
+    if with_bom:
+        notes.append(f"UTF-8 byte-order mark at the start of {_names(with_bom)}: skipped")
+    if crlf:
+        notes.append(f"Windows (CRLF) line ends in {_names(crlf)}: read as line ends")
+    return notes
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(_BOM)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -293,8 +334,11 @@ def _read_utf8(path: Path) -> str:
 
 def _validate_jsonl(path: Path) -> None:
     rows = 0
+    first_seen: dict[str, tuple[str, int, object]] = {}  # field -> (JSON type, line, value) where first seen
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(_BOM)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -314,9 +358,37 @@ def _validate_jsonl(path: Path) -> None:
                 raise DataError(
                     f"{path}:{lineno}: each line must be a JSON object ({{...}}), got {type(row).__name__}"
                 )
+            _check_same_types(f"{path}:{lineno}", f"line {lineno}", row, first_seen)
             rows += 1
     if rows == 0:
         raise DataError(f"{path}: the file is empty (no JSON lines)")
+
+
+def _json_kind(value) -> str | None:
+    """ "string", "number" or "boolean" for a JSON scalar; None for null, objects and arrays (not compared)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return None
+
+
+def _check_same_types(where: str, place: str, row: dict, first_seen: dict) -> None:
+    """A field that is a string on one line and a number on another: Arrow would silently turn the whole
+    column into one type ("4" becomes 4), and a later error would blame a row that was right. Named here,
+    at the line where the type changes, with the line that set it."""
+    for key, value in row.items():
+        kind = _json_kind(value)
+        if kind is None:
+            continue
+        seen = first_seen.setdefault(key, (kind, place, value))
+        if seen[0] != kind:
+            raise DataError(
+                f"{where}: field {key!r} is a {kind} here ({value!r}) but a {seen[0]} in {seen[1]} "
+                f"({seen[2]!r}); give every row's {key!r} the same type (quote the numbers to make them text)"
+            )
 
 
 def _validate_json(path: Path, text: str) -> str | dict | None:
@@ -332,11 +404,13 @@ def _validate_json(path: Path, text: str) -> str | dict | None:
     if isinstance(data, list):
         if not data:
             raise DataError(f"{path}: the file is empty (an empty JSON array)")
+        first_seen: dict = {}
         for i, row in enumerate(data):
             if not isinstance(row, dict):
                 raise DataError(
                     f"{path}: element {i} of the JSON array is a {type(row).__name__}, not an object"
                 )
+            _check_same_types(f"{path}: element {i}", f"element {i}", row, first_seen)
         return None
     if isinstance(data, dict):
         lists = {k: v for k, v in data.items() if isinstance(v, list)}
@@ -397,11 +471,11 @@ def _explain_json_failure(files: list[Path]) -> None:
             if file.suffix.lower() == ".jsonl":
                 rows = [
                     (line_no, json.loads(line))
-                    for line_no, line in enumerate(file.read_text().splitlines(), start=1)
+                    for line_no, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), start=1)
                     if line.strip()
                 ]
             else:
-                data = json.loads(file.read_text())
+                data = json.loads(file.read_text(encoding="utf-8-sig"))
                 rows = [(None, row) for row in data] if isinstance(data, list) else []
         except (OSError, ValueError):
             return  # not readable as JSON either: datasets' error says enough

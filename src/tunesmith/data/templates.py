@@ -22,6 +22,7 @@ character span is mapped to tokens with the tokenizer's offset mapping.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import difflib
 import json
 import logging
@@ -240,7 +241,15 @@ def _read_template_file(path: Path) -> str:
     return text
 
 
-def render_messages(tokenizer, messages, *, tools=None, chat_template=None, add_generation_prompt=False):
+def render_messages(
+    tokenizer,
+    messages,
+    *,
+    tools=None,
+    chat_template=None,
+    add_generation_prompt=False,
+    chat_template_kwargs=None,
+):
     """Render a conversation with the chat template and mark the tokens of assistant turns.
 
     Returns `(input_ids, assistant_mask)`, two lists of the same length; `assistant_mask[i]`
@@ -248,7 +257,8 @@ def render_messages(tokenizer, messages, *, tools=None, chat_template=None, add_
     generation (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`, ...). Works for any template
     that renders earlier turns the same whether or not later turns follow (all common ones
     do); for one that does not, a template with `{% generation %}` markers is used through
-    transformers, and otherwise the error says what to do.
+    transformers, and otherwise the error says what to do. `chat_template_kwargs` are extra
+    template variables (e.g. `{"enable_thinking": False}`).
 
         chatml, [user "hi", assistant "hello"]:
         tokens  <|im_start|> user hi <|im_end|> <|im_start|> assistant hello <|im_end|>
@@ -260,11 +270,20 @@ def render_messages(tokenizer, messages, *, tools=None, chat_template=None, add_
         tools=tools,
         chat_template=chat_template,
         add_generation_prompt=add_generation_prompt,
+        chat_template_kwargs=chat_template_kwargs,
     )
     return ids, [int(turn >= 0) for turn in turns]
 
 
-def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_generation_prompt=False):
+def assistant_turns(
+    tokenizer,
+    messages,
+    *,
+    tools=None,
+    chat_template=None,
+    add_generation_prompt=False,
+    chat_template_kwargs=None,
+):
     """Like `render_messages`, but says *which* assistant message each token belongs to:
     `(input_ids, turns)` with `turns[i]` the index in `messages` of the assistant message
     that token `i` is part of, or -1. Used to train only the completion's turns.
@@ -273,11 +292,65 @@ def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_
         tokens  <|im_start|> user hi <|im_end|> <|im_start|> assistant hello <|im_end|>
         turns       -1       -1  -1    -1          -1          -1       1       1
     """
+    rendered = assistant_parts(
+        tokenizer,
+        messages,
+        tools=tools,
+        chat_template=chat_template,
+        add_generation_prompt=add_generation_prompt,
+        chat_template_kwargs=chat_template_kwargs,
+    )
+    return rendered.input_ids, rendered.turns
+
+
+@dataclasses.dataclass
+class RenderedTurns:
+    """A rendered conversation, token by token (all lists of the same length):
+
+    `turns[t]`: index in `messages` of the assistant message token t belongs to, or -1;
+    `reasoning[t]`: 1 when token t is in that turn's reasoning block (the text the template writes
+    for `reasoning_content`, its `<think>` / channel markers included, up to where the answer
+    starts), else 0. `unrendered_reasoning`: indices of assistant messages that have reasoning the
+    rendered text does not show (a template that strips past reasoning, or one that ignores it).
+    """
+
+    input_ids: list[int]
+    turns: list[int]
+    reasoning: list[int]
+    unrendered_reasoning: list[int]
+
+
+def assistant_parts(
+    tokenizer,
+    messages,
+    *,
+    tools=None,
+    chat_template=None,
+    add_generation_prompt=False,
+    chat_template_kwargs=None,
+) -> RenderedTurns:
+    """Render `messages` and say, per token, which assistant turn it belongs to and whether it is
+    part of that turn's reasoning.
+
+    Reasoning templates, e.g. Qwen3-style (strips the reasoning of turns before the last user
+    message) on [user "q1", assistant (reasoning "r1", "a1"), user "q2", assistant (reasoning "r2", "a2")]:
+
+        text       ...assistant\n a1 <|im_end|> ... assistant\n <think> r2 </think> a2 <|im_end|>
+        turns            -1      1      1             -1         3      3     3     3      3
+        reasoning         0      0      0              0         1      1     1     0      0
+        unrendered_reasoning = [1]   (r1 is not in the text: the model never sees it at inference)
+
+    A reasoning block runs from the turn's first character to where its answer starts, so the
+    opening and closing markers go with the reasoning and the end-of-turn token with the answer.
+    An assistant message without `reasoning_content` whose content begins with a
+    `<think>...</think>` block (DeepSeek-R1-style data) has that block as its reasoning.
+    """
     template = resolve_chat_template(tokenizer, chat_template=chat_template)
     if template is None:
         raise DataError(
             f"conversational data needs a chat template and the tokenizer has none; {NO_TEMPLATE_FIX}"
         )
+    template_kwargs = check_template_kwargs(chat_template_kwargs)
 
     def render(conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
         # One batched call per setting: apply_chat_template's own overhead is paid once,
@@ -291,6 +364,7 @@ def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_
                 chat_template=template,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
+                **template_kwargs,
             )
         except Exception as err:  # jinja errors, raise_exception() in the template
             raise DataError(
@@ -306,7 +380,16 @@ def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_
     text = throughs.pop()
     spans = _assistant_spans(turns, befores, throughs, text)
     if None in spans and "generation %}" in template:
-        return _marked_turns(tokenizer, messages, tools, template, add_generation_prompt)
+        ids, marked = _marked_turns(
+            tokenizer, messages, tools, template, add_generation_prompt, template_kwargs
+        )
+        if any(reasoning_and_answer(m)[0] for m in messages) and "generation-markers" not in _WARNED:
+            _WARNED.add("generation-markers")
+            logger.warning(
+                "the chat template's {%% generation %%} markers are used to find the assistant turns; their "
+                "reasoning cannot be told apart from the answer there, so train_on_reasoning is not applied"
+            )
+        return RenderedTurns(ids, marked, [0] * len(ids), [])
     if None in spans:
         spans = _search_spans(messages, turns, throughs, text, spans)
     if spans is None:
@@ -318,7 +401,139 @@ def assistant_turns(tokenizer, messages, *, tools=None, chat_template=None, add_
         )
     _warn_if_no_stop_token(tokenizer, text, spans)
     _warn_if_tools_dropped(messages, tools, text, spans)
-    return _tokenize_spans(tokenizer, text, spans)
+    pieces, unrendered = [], []
+    glue_key = (template, json.dumps(template_kwargs, sort_keys=True, default=repr))
+    for start, end, i in spans:
+        block = _reasoning_block(text, start, end, messages[i], lambda: _reasoning_glue(render, glue_key))
+        if block is None:
+            if reasoning_and_answer(messages[i])[0]:
+                unrendered.append(i)
+            pieces.append((start, end, (i, 0)))
+            continue
+        block_start, block_end = block
+        for piece in (
+            (start, block_start, (i, 0)),
+            (block_start, block_end, (i, 1)),
+            (block_end, end, (i, 0)),
+        ):
+            if piece[1] > piece[0]:
+                pieces.append(piece)
+    ids, labels = _tokenize_spans(tokenizer, text, pieces, default=(-1, 0))
+    return RenderedTurns(ids, [turn for turn, _ in labels], [flag for _, flag in labels], unrendered)
+
+
+# apply_chat_template's own parameters: a template variable of one of these names would not reach the template
+_RESERVED_TEMPLATE_KWARGS = (
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "messages",
+)  # fmt: skip
+
+
+def check_template_kwargs(chat_template_kwargs, where: str = "chat_template_kwargs") -> dict:
+    """The template variables as a dict ({} for None); a clear error for a non-mapping or a name that
+    apply_chat_template keeps for itself (`tools`, `add_generation_prompt`, ...)."""
+    if chat_template_kwargs is None:
+        return {}
+    if not isinstance(chat_template_kwargs, dict) or not all(
+        isinstance(k, str) for k in chat_template_kwargs
+    ):
+        raise DataError(
+            f"{where}: expected a mapping of template variables, e.g. {{enable_thinking: false}}, "
+            f"got {chat_template_kwargs!r:.60}"
+        )
+    reserved = [k for k in chat_template_kwargs if k in _RESERVED_TEMPLATE_KWARGS]
+    if reserved:
+        raise DataError(
+            f"{where}: {', '.join(map(repr, reserved))} cannot be a template variable (apply_chat_template "
+            "sets it itself); tools come from the data's `tools` column"
+        )
+    return dict(chat_template_kwargs)
+
+
+def reasoning_and_answer(message: dict) -> tuple[str | None, str]:
+    r"""(reasoning, answer) of a message: its `reasoning_content` and content, or, without one, a
+    leading `<think>...</think>` block of the content and what follows it.
+
+        >>> reasoning_and_answer({"role": "assistant", "content": "<think>2+2 is 4</think>\n4"})
+        ('2+2 is 4', '\n4')
+    """
+    content = message.get("content") or ""
+    if not isinstance(content, str):  # content parts (vision data): the answer is their text
+        content = "".join(
+            p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    reasoning = message.get("reasoning_content")
+    if reasoning is not None and reasoning.strip():
+        return reasoning, content
+    if (
+        message.get("role") == "assistant"
+        and content.lstrip().startswith("<think>")
+        and "</think>" in content
+    ):
+        inner, _, answer = content.lstrip()[len("<think>") :].partition("</think>")
+        if inner.strip():
+            return inner, answer
+    return None, content
+
+
+_REASONING_PROBE, _ANSWER_PROBE = "tunesmith-reasoning-probe", "tunesmith-answer-probe"
+
+
+_GLUE: dict[tuple[str, str], str] = {}  # (template, template kwargs) -> what _probe_glue found
+
+
+def _reasoning_glue(render, key) -> str:
+    """What the template writes between a turn's reasoning and its answer (e.g. "\\n</think>\\n\\n"),
+    from a probe conversation rendered once per template; "" when the template does not render it."""
+    if key not in _GLUE:
+        _GLUE[key] = _probe_glue(render)
+    return _GLUE[key]
+
+
+def _probe_glue(render) -> str:
+    probe = [
+        {"role": "user", "content": "probe"},
+        {"role": "assistant", "content": _ANSWER_PROBE, "reasoning_content": _REASONING_PROBE,
+         "thinking": _REASONING_PROBE},
+    ]  # fmt: skip
+    try:
+        (text,) = render([probe], False)
+    except DataError:
+        return ""
+    at, answer = text.find(_REASONING_PROBE), text.find(_ANSWER_PROBE)
+    if at < 0 or answer < at:
+        return ""
+    return text[at + len(_REASONING_PROBE) : answer]
+
+
+def _reasoning_block(text: str, start: int, end: int, message: dict, glue) -> tuple[int, int] | None:
+    """Character span of the reasoning block of the assistant turn at text[start:end], or None when
+    the message has no reasoning or the text does not show it. `glue()` gives what the template
+    writes between reasoning and answer: the answer is looked for after it."""
+    reasoning, answer = reasoning_and_answer(message)
+    if reasoning is None:
+        return None
+    reasoning, answer = reasoning.strip(), answer.strip()
+    at = text.find(reasoning, start, end)
+    if at < 0:
+        return None
+    reasoning_end = at + len(reasoning)
+    if answer and text.find(answer, start, at) >= 0 and text.find(answer, reasoning_end, end) < 0:
+        # the answer is written before the reasoning: the block is the reasoning text alone
+        return at, reasoning_end
+    # past the template's closing marker (e.g. "</think>"), then to the answer, which ends the turn
+    cursor = reasoning_end
+    for closing in (glue().strip(), "</think>"):  # the template's marker; the data's own, inline
+        gap = text[cursor:end]
+        if closing and gap.lstrip().startswith(closing):
+            cursor += len(gap) - len(gap.lstrip()) + len(closing)
+    answer_at = text.find(answer, cursor, end) if answer else -1
+    if answer_at >= 0:
+        return start, answer_at
+    while cursor < end and text[cursor].isspace():  # no answer text (a turn of tool calls only)
+        cursor += 1
+    return start, cursor
 
 
 def _assistant_spans(turns, befores, throughs, text: str) -> list[tuple[int, int, int] | None]:
@@ -439,8 +654,9 @@ def missing_template_tokens(tokenizer, chat_template: str) -> list[str]:
     return [m for m in markers if m not in known]
 
 
-def _tokenize_spans(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
-    """Tokens of `text` and, per token, the message index of the span it overlaps (or -1)."""
+def _tokenize_spans(tokenizer, text: str, spans, default=-1) -> tuple[list[int], list]:
+    """Tokens of `text` and, per token, the label of the span it overlaps (or `default`); spans are
+    (start, end, label) in text order. A token across two spans takes the later span's label."""
     # The template writes BOS itself when the model wants one, so no special tokens are added.
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if backend is not None:
@@ -448,7 +664,7 @@ def _tokenize_spans(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
         ids, offsets = list(enc.ids), enc.offsets
         starts = [start for start, _ in offsets]
         ends = [max(end, start + 1) for start, end in offsets]  # zero-width tokens count at their start
-        turns = [-1] * len(ids)
+        turns = [default] * len(ids)
         for span_start, span_end, turn in spans:
             # tokens overlapping [span_start, span_end): first with end > span_start, up to the
             # last with start < span_end (offsets are non-decreasing along the text)
@@ -459,7 +675,7 @@ def _tokenize_spans(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
     # Slow tokenizers have no offsets: tokenize the pieces between span edges one by one.
     ids, turns, cursor = [], [], 0
     for start, end, turn in spans:
-        for piece, label in ((text[cursor:start], -1), (text[start:end], turn)):
+        for piece, label in ((text[cursor:start], default), (text[start:end], turn)):
             if piece:
                 piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
                 ids += piece_ids
@@ -468,11 +684,11 @@ def _tokenize_spans(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
     if text[cursor:]:
         tail = tokenizer(text[cursor:], add_special_tokens=False)["input_ids"]
         ids += tail
-        turns += [-1] * len(tail)
+        turns += [default] * len(tail)
     return ids, turns
 
 
-def _marked_turns(tokenizer, messages, tools, template, add_generation_prompt):
+def _marked_turns(tokenizer, messages, tools, template, add_generation_prompt, template_kwargs):
     # The template marks assistant text with {% generation %}; transformers turns the marks
     # into a token mask. Its k-th run of marked tokens is the k-th assistant message.
     out = tokenizer.apply_chat_template(
@@ -483,6 +699,7 @@ def _marked_turns(tokenizer, messages, tools, template, add_generation_prompt):
         return_dict=True,
         return_assistant_tokens_mask=True,
         add_generation_prompt=add_generation_prompt,
+        **template_kwargs,
     )
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     assistant = iter([i for i, m in enumerate(messages) if m["role"] == "assistant"])

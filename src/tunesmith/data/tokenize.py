@@ -6,7 +6,8 @@ What is trained, by kind (`train_on_inputs=True` trains every token of every kin
     text                      every token, and an EOS appended when missing
     prompt_completion         the completion and its appended EOS (completion_only_loss, default on)
     messages                  the assistant turns, each with its end-of-turn token (assistant_only_loss,
-                              default on)
+                              default on); of their reasoning blocks, those train_on_reasoning names
+                              (last = the final turn's, the default; all; none)
     conversational p/c        the assistant turns of the completion (completion_only_loss, default on)
     tokenized                 the given labels, or every token
 
@@ -26,7 +27,7 @@ import logging
 import weakref
 
 from tunesmith.data.sources import DataError
-from tunesmith.data.templates import assistant_turns, render_messages
+from tunesmith.data.templates import assistant_parts, check_template_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def tokenize_example(
     train_on_inputs=False,
     chat_template=None,
     eos_token=None,
+    chat_template_kwargs=None,
+    train_on_reasoning="last",
     index=None,
 ) -> dict:
     """Tokenize and label one normalised example (see the module docstring for what is trained).
@@ -64,6 +67,12 @@ def tokenize_example(
     conversation unless told otherwise: training on the user's turns and the system prompt
     teaches the model to write them, which is sloppy. `train_on_inputs=True` trains every
     token of every kind (given `labels` of pre-tokenized data included).
+
+    Conversations: `chat_template_kwargs` (the config's) and the example's own
+    `chat_template_kwargs` (which win) are passed to the template; `train_on_reasoning`
+    (`last`, `all`, `none`) says whose reasoning blocks are trained in the assistant-only mask:
+    the final assistant turn's, every turn's, or none (the answer and end-of-turn token of each
+    trained turn train in every case).
     """
     where = f"example {index}" if index is not None else "example"
     train_all = bool(train_on_inputs)
@@ -80,15 +89,19 @@ def tokenize_example(
         return {"input_ids": ids, "labels": list(ids)}
 
     if "messages" in example:
-        ids, mask = _render(tokenizer, example["messages"], example.get("tools"), chat_template, where)
+        messages = example["messages"]
+        rendered = _render(tokenizer, messages, example, chat_template, chat_template_kwargs, where)
         if train_all or assistant_only_loss is False:
-            return {"input_ids": ids, "labels": list(ids)}
-        return {"input_ids": ids, "labels": _masked(ids, mask)}
+            return {"input_ids": rendered.input_ids, "labels": list(rendered.input_ids)}
+        trained = _reasoning_rule(rendered, messages, train_on_reasoning, first_trained=0, where=where)
+        out = {"input_ids": rendered.input_ids, "labels": _masked(rendered.input_ids, trained)}
+        return _with_dropped_turns(out, rendered, messages, example, tokenizer, chat_template,
+                                   chat_template_kwargs, train_on_reasoning, 0, where)  # fmt: skip
 
     prompt, completion = example.get("prompt"), example.get("completion")
     if isinstance(prompt, list):
         return _conversational_prompt_completion(
-            example, tokenizer, chat_template, where,
+            example, tokenizer, chat_template, chat_template_kwargs, train_on_reasoning, where,
             completion_only=completion_only_loss is not False and not train_all,
             assistant_only=assistant_only_loss is not False and not train_all,
         )  # fmt: skip
@@ -111,31 +124,108 @@ def _masked(ids: list[int], mask: list[int]) -> list[int]:
     return [t if m else IGNORE for t, m in zip(ids, mask)]
 
 
-def _render(tokenizer, messages, tools, chat_template, where):
-    try:
-        return render_messages(tokenizer, messages, tools=tools, chat_template=chat_template)
-    except DataError as err:
-        raise DataError(f"{where}: {err}") from err
+TRAIN_ON_REASONING = ("last", "all", "none")
 
 
-def _conversational_prompt_completion(
-    example, tokenizer, chat_template, where, *, completion_only, assistant_only
-):
-    """Render prompt + completion as one conversation; the completion's assistant turns are the
-    ones the model learns (with completion_only off: every assistant turn, or every token)."""
-    messages = example["prompt"] + example["completion"]
+def _render(tokenizer, messages, example, chat_template, chat_template_kwargs, where):
     try:
-        ids, turns = assistant_turns(
-            tokenizer, messages, tools=example.get("tools"), chat_template=chat_template
+        kwargs = {**check_template_kwargs(chat_template_kwargs), **example.get("chat_template_kwargs", {})}
+        return assistant_parts(
+            tokenizer,
+            messages,
+            tools=example.get("tools"),
+            chat_template=chat_template,
+            chat_template_kwargs=kwargs,
         )
     except DataError as err:
         raise DataError(f"{where}: {err}") from err
-    if completion_only:
-        first = len(example["prompt"])  # messages at or after this index are the completion
-        return {"input_ids": ids, "labels": [t if turn >= first else IGNORE for t, turn in zip(ids, turns)]}
-    if assistant_only:
-        return {"input_ids": ids, "labels": [t if turn >= 0 else IGNORE for t, turn in zip(ids, turns)]}
-    return {"input_ids": ids, "labels": list(ids)}
+
+
+def _reasoning_rule(rendered, messages, train_on_reasoning, *, first_trained: int, where: str) -> list[int]:
+    """Per token, 1 if it trains: it is in an assistant turn at or after message `first_trained`,
+    and not in a reasoning block that `train_on_reasoning` leaves out.
+
+        train_on_reasoning   reasoning blocks trained       answers + end-of-turn tokens
+        last (default)       the final assistant turn's      every trained turn
+        all                  every trained turn's            every trained turn
+        none                 none                            every trained turn
+    """
+    if train_on_reasoning not in TRAIN_ON_REASONING:
+        raise DataError(
+            f"train_on_reasoning={train_on_reasoning!r} is not one of {', '.join(TRAIN_ON_REASONING)}"
+        )
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if rendered.unrendered_reasoning and rendered.unrendered_reasoning[-1] == last >= first_trained:
+        _warn_if_reasoning_unrendered(rendered, last, last, where)
+    keep_reasoning = {"all": lambda turn: True, "none": lambda turn: False, "last": lambda turn: turn == last}
+    keep = keep_reasoning[train_on_reasoning]
+    return [
+        int(turn >= first_trained and turn >= 0 and (not in_reasoning or keep(turn)))
+        for turn, in_reasoning in zip(rendered.turns, rendered.reasoning)
+    ]
+
+
+_WARNED_REASONING: set[str] = set()
+
+
+def _warn_if_reasoning_unrendered(rendered, first: int, last: int, where: str) -> None:
+    """The final turn's reasoning is not in the rendered text: the template ignores it. Say so, once."""
+    if "final" in _WARNED_REASONING:
+        return
+    _WARNED_REASONING.add("final")
+    logger.warning(
+        "%s: the chat template does not render the reasoning (reasoning_content / thinking) of the final "
+        "assistant turn (message %d), so it is not trained; use a template that renders it (Qwen3-style "
+        "<think>, gpt-oss channels), or check chat_template_kwargs (e.g. enable_thinking). Logged once.",
+        where,
+        last,
+    )
+
+
+def _conversational_prompt_completion(
+    example, tokenizer, chat_template, chat_template_kwargs, train_on_reasoning, where, *, completion_only,
+    assistant_only,
+):  # fmt: skip
+    """Render prompt + completion as one conversation; the completion's assistant turns are the
+    ones the model learns (with completion_only off: every assistant turn, or every token)."""
+    messages = example["prompt"] + example["completion"]
+    rendered = _render(tokenizer, messages, example, chat_template, chat_template_kwargs, where)
+    ids = rendered.input_ids
+    if not completion_only and not assistant_only:
+        return {"input_ids": ids, "labels": list(ids)}
+    first = len(example["prompt"]) if completion_only else 0  # messages at or after this index train
+    trained = _reasoning_rule(rendered, messages, train_on_reasoning, first_trained=first, where=where)
+    out = {"input_ids": ids, "labels": _masked(ids, trained)}
+    return _with_dropped_turns(out, rendered, messages, example, tokenizer, chat_template,
+                               chat_template_kwargs, train_on_reasoning, first, where)  # fmt: skip
+
+
+def _with_dropped_turns(out, rendered, messages, example, tokenizer, chat_template, chat_template_kwargs,
+                        train_on_reasoning, first_trained, where) -> dict:  # fmt: skip
+    """train_on_reasoning=all on a template that drops past reasoning (Qwen3): each earlier trained turn
+    whose reasoning is not in the text is also rendered as the last turn of its own conversation
+    (messages[:i + 1], as the model sees it when it writes that turn) and trained there, reasoning
+    included; those examples go in `out["extra_examples"]`. Turn i of [u, a1(r1), u, a3(r3)]:
+
+        out                  ... a1 <|im_end|> ... <think> r3 </think> a3 <|im_end|>   (a1's answer, a3 whole)
+        extra_examples[0]    ... <think> r1 </think> a1 <|im_end|>                      (a1 whole, nothing else)
+    """
+    if train_on_reasoning != "all":
+        return out
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    extra = []
+    for i in rendered.unrendered_reasoning:
+        if i < first_trained or i == last:
+            continue
+        prefix = messages[: i + 1]
+        alone = _render(tokenizer, prefix, example, chat_template, chat_template_kwargs, where)
+        if i in alone.unrendered_reasoning:
+            continue  # the template does not render reasoning even in the last turn (logged by _reasoning_rule)
+        trained = _reasoning_rule(alone, prefix, "all", first_trained=i, where=where)
+        extra.append({"input_ids": alone.input_ids, "labels": _masked(alone.input_ids, trained)})
+    if extra:
+        out["extra_examples"] = extra
+    return out
 
 
 def _adds_bos(tokenizer) -> bool:

@@ -546,15 +546,20 @@ def _process(processor, texts: list[str], images, **kwargs) -> dict:
 # --------------------------------------------------------------------------- generation and display
 
 
-def generation_inputs(processor, messages: list[dict], images: Sequence) -> dict:
+def generation_inputs(processor, messages: list[dict], images: Sequence, chat_template_kwargs=None) -> dict:
     """The processor's model inputs for generating the next assistant turn of `messages` with `images`
-    (PIL images or paths), normalised as in training (`vision_example`)."""
+    (PIL images or paths), normalised as in training (`vision_example`); `chat_template_kwargs` are
+    template variables."""
     example = vision_example({"messages": messages, "images": list(images)}, "prompt")
     loaded = [load_image(value, where=f"image {j}") for j, value in enumerate(example.images)]
     tokenizer = _tokenizer(processor)
     template = resolve_chat_template_of(processor)
     text = tokenizer.apply_chat_template(
-        example.messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        example.messages,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=True,
+        **(chat_template_kwargs or {}),
     )
     return dict(_process(processor, [text], [loaded] if loaded else None))
 

@@ -11,7 +11,9 @@ because an AdamW update of lr * ~1 = 5e-5 on a weight of size ~0.03 is below hal
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -117,7 +119,8 @@ def apply_lora(
         config.ensure_weight_tying = True
     if _is_kbit(model):
         prepare_kbit_model(model)
-    peft_model = get_peft_model(model, config)
+    with peft_deprecations_silenced():
+        peft_model = get_peft_model(model, config)
     _fp32_trained_copies(peft_model)
     logger.info(
         "LoRA r=%d alpha=%s on %s%s: %s",
@@ -303,3 +306,15 @@ def trainable_summary(model) -> str:
         trainable += count if param.requires_grad else 0
     share = 100 * trainable / total if total else 0.0
     return f"trainable {_human(trainable)} / {_human(total)} ({share:.1f}%)"
+
+
+@contextlib.contextmanager
+def peft_deprecations_silenced():
+    """PEFT (0.21) reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
+    FutureWarning on every LoRA model built or loaded; the user can do nothing about it, so exactly that
+    warning is silenced while PEFT wraps the model (any other still shows)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield

@@ -204,8 +204,36 @@ def gguf_cache_path(gguf_path, cache_dir=None) -> Path:
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    _check_gguf(gguf_path)
     dest = cache_root(cache_dir) / "models" / f"{gguf_path.stem}-{_file_sha256(gguf_path)[:12]}"
     return dest if _is_converted(dest) else convert_gguf(gguf_path, dest)
+
+
+def _check_gguf(path: Path) -> None:
+    """A GGUF file starts with b"GGUF"; its header and tensor table must parse and the tensors fit in the
+    file. Checked before the (slow) conversion, so a torn file is named at once."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelFileError(
+            f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); download it again"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        return  # convert_gguf says what to install
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception as err:  # the reader raises ValueError, IndexError, struct errors on a torn file
+        raise ModelFileError(
+            f"{path}: the GGUF file is damaged or incomplete ({type(err).__name__}: {err}); download it again"
+        ) from None
+    if end > path.stat().st_size:
+        raise ModelFileError(
+            f"{path}: the GGUF file is truncated ({path.stat().st_size} bytes, its tensors need {end}); "
+            "download it again"
+        )
 
 
 def default_model_path(cache_dir=None) -> Path:
@@ -253,16 +281,36 @@ def _resolve_source(name_or_path, gguf_file, **hub_kwargs) -> str:
 # --------------------------------------------------------------------------- model
 
 
+class ModelFileError(ValueError):
+    """A model file that cannot be loaded (torn, truncated, not the format it claims); names the file."""
+
+
+def check_safetensors_files(folder: str | Path) -> None:
+    """ModelFileError naming the first torn safetensors file in `folder` (a model or an adapter folder):
+    checked from the headers, before anything is loaded."""
+    from tunesmith.checkpoint import safetensors_problem
+
+    for path in sorted(Path(folder).expanduser().glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise ModelFileError(
+                f"{path}: the weights file {problem}; it was not written completely (or was damaged in a "
+                "copy): copy or save the model again"
+            )
+
+
 def _check_weight_format(source: str, use_safetensors) -> None:
-    """Refuse a local folder that only has pickle weights (.bin/.pt), unless use_safetensors=False."""
+    """Refuse a local folder that only has pickle weights (.bin/.pt), unless use_safetensors=False, and
+    one whose safetensors files are torn (checked from their headers before anything is read)."""
     folder = Path(source).expanduser()
     if use_safetensors is False or not folder.is_dir():
         return
     if any(folder.glob("*.safetensors")):
+        check_safetensors_files(folder)
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickles:
-        raise ValueError(
+        raise ModelFileError(
             f"{folder} has weights only as pickle files ({', '.join(pickles)}), which can run code when "
             "loaded; tunesmith loads safetensors only. Convert them (load once with transformers and "
             "save_pretrained), or pass use_safetensors=False (SFTConfig.model_init_kwargs) if you trust the files."

@@ -4,6 +4,11 @@ Triton is optional (the `gpu` extra). Kernels run on CUDA tensors, or on CPU ten
 Triton's interpreter (`TRITON_INTERPRET=1`, how the tests run them without a GPU). Triton reads
 that variable when a function is decorated with `@triton.jit`, so the ops build their kernels on
 first use (never at import) and keep one set per interpreter setting.
+
+With impl="auto", a kernel runs only after it has passed its one-time check against the op's
+PyTorch reference on the live device (`ops.selfcheck`); `TUNESMITH_KERNELS=off` turns every
+"auto" Triton kernel off (the PyTorch versions run), and impl="torch" does the same for one call
+or module (what `SFTConfig(triton_kernels=False)` passes).
 """
 
 from __future__ import annotations
@@ -16,7 +21,31 @@ from typing import Any
 
 import torch
 
-IMPLS = ("auto", "reference", "triton")
+# "torch": what "auto" runs where no Triton kernel may run (the PyTorch path, e.g. RMSNorm's
+# hand-written backward); "reference": the plain PyTorch reference with autograd
+IMPLS = ("auto", "reference", "torch", "triton")
+
+# Test hook: when True, "auto" treats CPU tensors as a kernel device while the interpreter is
+# ready (TRITON_INTERPRET=1), so the CPU tests run the real auto path: self-check, fallback,
+# warning. Never set outside tests.
+AUTO_ON_INTERPRETER = False
+
+_OFF_VALUES = ("off", "0", "false", "no", "none")
+_ON_VALUES = ("", "on", "auto", "1", "true", "yes")
+
+
+def kernels_disabled() -> bool:
+    """True when the environment turns the Triton kernels off: `TUNESMITH_KERNELS=off` (unset or
+    `on`: they run where they can). Any other value is an error, not a silent "on"."""
+    value = os.environ.get("TUNESMITH_KERNELS", "").strip().lower()
+    if value in _OFF_VALUES:
+        return True
+    if value not in _ON_VALUES:
+        raise ValueError(
+            f"TUNESMITH_KERNELS={os.environ['TUNESMITH_KERNELS']!r} is not understood: set it to off (no Triton "
+            "kernels) or on (the default: each kernel used after it passes its check), or unset it"
+        )
+    return False
 
 
 def triton_installed() -> bool:
@@ -40,16 +69,42 @@ def interpreter_ready() -> bool:
     return isinstance(tl.standard.sum, InterpretedFunction)
 
 
-def use_triton(impl: str, op: str, *tensors: torch.Tensor) -> bool:
-    """Resolve `impl` for `op` on `tensors`: "reference" -> False; "triton" -> True (or a clear
-    error when it cannot run here); "auto" -> True only for CUDA tensors with Triton installed."""
+def auto_device(*tensors: torch.Tensor) -> bool:
+    """True when "auto" may run a Triton kernel on these tensors: all on CUDA with Triton installed
+    and not turned off by TUNESMITH_KERNELS (or, for tests, all on the CPU under the interpreter
+    with `AUTO_ON_INTERPRETER`)."""
+    if kernels_disabled() or not triton_installed():
+        return False
+    if all(t.is_cuda for t in tensors):
+        return True
+    return AUTO_ON_INTERPRETER and all(t.device.type == "cpu" for t in tensors) and interpreter_ready()
+
+
+def use_triton(
+    impl: str,
+    op: str,
+    *tensors: torch.Tensor,
+    check: tuple[tuple, Callable[[], None]] | None = None,
+) -> bool:
+    """Resolve `impl` for `op` on `tensors`: "reference" / "torch" -> False; "triton" -> True (or a
+    clear error when it cannot run here; never checked, so tests see the kernel itself); "auto" ->
+    True only where `auto_device` allows it and, given `check=(shape_class, run)`, the kernel has
+    passed `run` (a comparison against the reference that raises on failure; once per op, shape
+    class, dtype and device: `ops.selfcheck.kernel_ok`)."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl={impl!r} is not one of {', '.join(IMPLS)}")
-    if impl == "reference":
+    if impl in ("reference", "torch"):
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if impl == "auto":
-        return on_cuda and triton_installed()
+        if not auto_device(*tensors):
+            return False
+        if check is None:
+            return True
+        from tunesmith.ops.selfcheck import kernel_ok
+
+        shape_class, run = check
+        return kernel_ok(op, shape_class, tensors[0].device, run)
     if not triton_installed():
         raise RuntimeError(f"{op}: impl='triton' needs the triton package: pip install 'tunesmith[gpu]'")
     if not on_cuda and not interpreting():

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from tunesmith.ops._triton import IMPLS, triton_installed
+from tunesmith.ops._triton import IMPLS, kernels_disabled, triton_installed
 from tunesmith.ops.rms_norm import RMSNorm
 from tunesmith.ops.rope import apply_rope
 from tunesmith.ops.swiglu import GatedMLP
@@ -293,12 +293,14 @@ def optimize(
 
     swaps: the kinds to swap, from `KINDS`; None picks what is faster on the model's device
     (`DEFAULT_SWAPS`: all, on CUDA only with Triton installed). impl is passed
-    to every new module ("auto": Triton on CUDA tensors, the reference elsewhere). Works on a
+    to every new module ("auto": Triton on CUDA tensors once each kernel has passed its device check,
+    `ops.selfcheck`, the PyTorch versions elsewhere; "torch": never Triton). Works on a
     PeftModel or a bare model; call `unoptimize(model)` to put the original modules back.
     Calling it twice does nothing more the second time.
     """
     if impl not in IMPLS:
         raise ValueError(f"optimize: impl={impl!r} is not one of {', '.join(IMPLS)}")
+    kernels_disabled()  # a TUNESMITH_KERNELS value we do not understand stops here, before training
     device = _device_type(model)
     report = OptimizeReport(model_type=_model_type(model), device=device, impl=impl)
     log = logger.info if verbose else logger.debug
@@ -315,6 +317,11 @@ def optimize(
         elif [kind for kind in KERNEL_KINDS if kind not in swaps]:
             left = ", ".join(kind for kind in KERNEL_KINDS if kind not in swaps)
             report.skipped[left] = f"on {device} the PyTorch modules are as fast (bench/RESULTS.md, Kernels)"
+    if device == "cuda" and impl == "auto" and set(swaps) & set(KERNEL_KINDS):
+        if kernels_disabled():
+            report.skipped["triton"] = "TUNESMITH_KERNELS=off: the swapped modules run their PyTorch versions"
+        else:  # ops.selfcheck: once per op, shape class, dtype and device
+            log("optimize: each Triton kernel is checked against its PyTorch reference on its first use")
     unknown = set(swaps) - set(KINDS)
     if unknown:
         raise ValueError(f"optimize: unknown swaps {sorted(unknown)}; choose from {', '.join(KINDS)}")

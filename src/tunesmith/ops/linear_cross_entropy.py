@@ -97,7 +97,8 @@ def linear_cross_entropy(
         impl: "chunked" (PyTorch, CPU and CUDA), "triton" (the same chunks, with the softmax and
             its gradient in one Triton kernel that overwrites the logits in place: no fp32 (chunk, V)
             buffer; CUDA, or CPU under TRITON_INTERPRET=1), "reference" (full logits +
-            F.cross_entropy, for tests), "auto" (= chunked, for now).
+            F.cross_entropy, for tests), "auto" (triton on CUDA once the kernel has passed its
+            one-time device check, `ops.selfcheck`; chunked otherwise or with TUNESMITH_KERNELS=off).
         chunk_size: tokens per chunk; default `default_chunk_size(V)` (~64 MB of fp32 logits).
         return_entropy: also return the entropy of the predicted next-token distribution (after
             soft-capping), `-sum_v p_v log p_v`, at the supervised positions, reduced as `reduction`
@@ -142,10 +143,22 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: chunk_size must be ≥ 1, got {chunk_size}")
 
     chunk_fn = _chunk_loss_and_grad
-    # "auto" stays on the PyTorch path until the kernel has been measured on a GPU (none was lent
-    # while writing it; it is tested under the interpreter only).
-    if impl == "triton" and use_triton(impl, "linear_cross_entropy", hidden, weight):
-        chunk_fn = _chunk_loss_and_grad_triton
+    # "auto": the Triton kernel on CUDA once it has passed its device check (ops.selfcheck; its
+    # speed against the chunked path is measured by bench/gpu, not yet run), else the chunked path
+    if impl != "chunked":
+        check = _check(
+            hidden.device,
+            weight.shape[0],
+            hidden.dtype,
+            weight.dtype,
+            bias,
+            softcap,
+            dft,
+            return_entropy,
+            reduction,
+        )
+        if use_triton(impl, "linear_cross_entropy", hidden, weight, check=check):
+            chunk_fn = _chunk_loss_and_grad_triton
     h2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     flat_targets = targets.reshape(-1)  # (N,)
     if reduction == "none":
@@ -159,6 +172,17 @@ def linear_cross_entropy(
             chunk_fn, return_entropy,
         )  # fmt: skip
     return (loss, correct, entropy) if return_entropy else (loss, correct)
+
+
+def _check(device, vocab, h_dtype, w_dtype, bias, softcap, dft, entropy, reduction):
+    # the shape class of the one-time device check (ops.selfcheck); "none" scales rows by a tensor
+    from tunesmith.ops.selfcheck import check_linear_cross_entropy
+
+    has_bias, per_token = bias is not None, reduction == "none"
+    shape_class = (vocab, h_dtype, w_dtype, has_bias, softcap, dft, entropy, per_token)
+    return shape_class, lambda: check_linear_cross_entropy(
+        device, vocab, h_dtype, w_dtype, has_bias, softcap, dft, entropy, per_token
+    )
 
 
 def linear_cross_entropy_reference(

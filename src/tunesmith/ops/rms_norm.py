@@ -187,6 +187,15 @@ def _backward_programs(device: torch.device, n_rows: int) -> int:
     return max(1, min(n_rows, 4))
 
 
+def _check(x, weight, eps, offset, casting):
+    # the shape class of the one-time device check (ops.selfcheck): what selects another kernel
+    from tunesmith.ops.selfcheck import check_rms_norm
+
+    n_cols = x.shape[-1]
+    shape_class = (n_cols, x.dtype, weight.dtype, casting, bool(offset))
+    return shape_class, lambda: check_rms_norm(x.device, n_cols, x.dtype, weight.dtype, eps, offset, casting)
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -197,15 +206,16 @@ def rms_norm(
     impl: str = "auto",
 ) -> torch.Tensor:
     """RMSNorm over the last dimension of `x (..., H)` with `weight (H,)`; see the module
-    docstring for `offset` and `casting`. impl: "reference" (pure PyTorch, autograd), "triton", or
-    "auto" (Triton on CUDA; elsewhere the reference forward with a hand-written backward)."""
+    docstring for `offset` and `casting`. impl: "reference" (pure PyTorch, autograd), "triton", "torch"
+    (the reference forward with a hand-written backward), or "auto" (Triton on CUDA once it has passed
+    its device check, `ops.selfcheck`; "torch" otherwise)."""
     if casting not in CASTINGS:
         raise ValueError(f"rms_norm: casting={casting!r} is not one of {', '.join(CASTINGS)}")
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"rms_norm: x has {x.shape[-1]} features but weight has {weight.shape[-1]}")
-    if use_triton(impl, "rms_norm", x, weight):
+    if use_triton(impl, "rms_norm", x, weight, check=_check(x, weight, eps, offset, casting)):
         return _RMSNormFunction.apply(x, weight, float(eps), float(offset), casting)
-    if impl == "auto" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if impl in ("auto", "torch") and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNormTorch.apply(x, weight, float(eps), float(offset), casting)
     return rms_norm_reference(x, weight, eps, offset=offset, casting=casting)
 

@@ -170,6 +170,16 @@ class _RopeFunction(torch.autograd.Function):
         return dq_in, dk_in, None, None, None
 
 
+def _check(q, k, cos, position_ids):
+    # the shape class of the one-time device check (ops.selfcheck)
+    from tunesmith.ops.selfcheck import check_rope
+
+    n_q, n_k, head_dim, rotary = q.shape[1], k.shape[1], q.shape[-1], cos.shape[-1]
+    tables = position_ids is not None
+    shape_class = (n_q, n_k, head_dim, rotary, q.dtype, k.dtype, cos.dtype, tables)
+    return shape_class, lambda: check_rope(q.device, n_q, n_k, head_dim, rotary, q.dtype, cos.dtype, tables)
+
+
 def apply_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -183,7 +193,8 @@ def apply_rope(
 
     cos/sin: `(B or 1, T, R)` per token (what transformers' rotary embedding returns), or
     tables `(P, R)` together with `position_ids (B, T)`. R <= D must be even (partial rotary
-    rotates the first R dims). impl: "reference", "triton", or "auto" (Triton on CUDA).
+    rotates the first R dims). impl: "reference" (= "torch"), "triton", or "auto" (Triton on CUDA
+    once it has passed its device check, `ops.selfcheck`).
     The Triton path does not propagate gradients into cos/sin (they are not trained).
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -200,7 +211,7 @@ def apply_rope(
         )
     if position_ids is not None and cos.dim() != 2:
         raise ValueError(f"apply_rope: with position_ids, cos/sin are tables (P, R), got {tuple(cos.shape)}")
-    if use_triton(impl, "apply_rope", q, k):
+    if use_triton(impl, "apply_rope", q, k, check=_check(q, k, cos, position_ids)):
         cos, sin = cos.contiguous(), sin.contiguous()
         return _RopeFunction.apply(q, k, cos, sin, position_ids)
     return rope_reference(q, k, cos, sin, position_ids)

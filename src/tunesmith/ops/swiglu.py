@@ -140,16 +140,27 @@ class _GLUFunction(torch.autograd.Function):
         return dg.view(ctx.gate_shape), du.view(ctx.up_shape), None
 
 
+def _check(gate, up, activation):
+    # the shape class of the one-time device check (ops.selfcheck); strided: Phi-3's halves
+    from tunesmith.ops.selfcheck import check_glu
+
+    n_cols = gate.shape[-1]
+    strided = gate.stride(-2) != n_cols if gate.dim() >= 2 else False
+    shape_class = (n_cols, gate.dtype, up.dtype, activation, strided)
+    return shape_class, lambda: check_glu(gate.device, n_cols, gate.dtype, up.dtype, activation, strided)
+
+
 def glu(
     gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", *, impl: str = "auto"
 ) -> torch.Tensor:
     """act(gate) * up for `gate, up (..., I)`; activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
-    impl: "reference", "triton", or "auto" (Triton on CUDA, the reference elsewhere)."""
+    impl: "reference" (= "torch"), "triton", or "auto" (Triton on CUDA once it has passed its device
+    check, `ops.selfcheck`; the reference otherwise)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"glu: activation={activation!r} is not one of {', '.join(ACTIVATIONS)}")
     if gate.shape != up.shape:
         raise ValueError(f"glu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
-    if use_triton(impl, "glu", gate, up):
+    if use_triton(impl, "glu", gate, up, check=_check(gate, up, activation)):
         return _GLUFunction.apply(gate, up, activation)
     return glu_reference(gate, up, activation)
 
