@@ -119,3 +119,12 @@ def test_image_options_are_checked(vision_run, capsys):
     tmp = vision_run
     code, _, err = run_cli(capsys, "generate", tmp / "llava", "--image", tmp / "nope.png", "--prompt", "hi")
     assert code != 0 and "--image" in err and "no such file" in err
+
+
+def test_preprocess_prints_the_vision_summary(vision_run, capsys):
+    code, out, err = run_cli(capsys, "preprocess", vision_run / "run.yaml")
+    assert code == 0, err
+    assert "examples: 3 in, 3 out" in out and "images: 3 (12 image tokens)" in out
+    # every example is 22 tokens once its image is expanded (18 text tokens + 4 image tokens)
+    assert "example length: median 22, p90 22, max 22 tokens" in out
+    assert "0-22   " in out and out.rstrip().endswith(" 3")  # one histogram bin: all 3 examples

@@ -122,3 +122,73 @@ def test_settings_vision_data_cannot_follow_are_named(tmp_path, caplog):
         )
     assert "vision-language data: ignoring packing=True" in caplog.text
     assert "training on prompts" in caplog.text
+
+
+def test_trl_style_custom_collator_gets_the_raw_rows(tmp_path):
+    """TRL's older sft_vlm recipe: the user's collate_fn renders and processes the raw rows itself (and
+    masks padding and image tokens); the trainer neither prepares the data nor drops its columns."""
+    from datasets import Dataset
+
+    processor, model = tiny_processor("llava"), tiny_vlm("llava")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    seen = []
+
+    def collate_fn(examples):
+        seen.append(sorted(examples[0]))
+        texts = [processor.apply_chat_template(ex["messages"], tokenize=False) for ex in examples]
+        batch = processor(
+            text=texts, images=[ex["images"] for ex in examples], return_tensors="pt", padding=True
+        )
+        labels = batch["input_ids"].clone()
+        labels[(labels == processor.tokenizer.pad_token_id) | (labels == image_id)] = -100
+        batch["labels"] = labels
+        return batch
+
+    raw = shape_rows()
+    for row in raw:  # Arrow wants one type per column: every content a list of parts
+        reply = row["messages"][1]
+        reply["content"] = [{"type": "text", "text": reply["content"]}]
+    rows = Dataset.from_list(raw)
+    trainer = SFTTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=30, logging_steps=30),
+        train_dataset=rows,
+        processing_class=processor,
+        data_collator=collate_fn,
+    )
+    trainer.train()
+    assert seen and seen[0] == ["images", "messages"]
+    # every step is the 3 rows; what the user's labels train (after the one shift), 30 times
+    per_step = int((collate_fn([rows[i] for i in range(3)])["labels"][:, 1:] != -100).sum())
+    assert trainer.state.log_history[0]["num_supervised_tokens"] == 30 * per_step
+
+
+def test_images_with_a_plain_tokenizer_are_refused(tmp_path):
+    processor, model = tiny_processor("llava"), tiny_vlm("llava")
+    with pytest.raises(ValueError, match="the train data has images, but processing_class is a tokenizer"):
+        SFTTrainer(
+            model=model,
+            args=config(tmp_path),
+            train_dataset=shape_rows(),
+            processing_class=processor.tokenizer,
+        )
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_vision_tower_lora_and_projector_get_gradients(family, tmp_path):
+    """lora_vision_tower / lora_train_projector: the tower's LoRA B matrices start at zero and the projector at
+    its loaded values; after a few steps both moved, so the loss reaches them through the image tokens."""
+    processor, model = tiny_processor(family), tiny_vlm(family)
+    args = config(tmp_path, max_steps=5, logging_steps=5, lora_vision_tower=True, lora_train_projector=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=shape_rows(), processing_class=processor)
+    params = dict(trainer.model.named_parameters())
+    tower_b = [n for n in params if ("vision_tower" in n or "visual.blocks" in n) and "lora_B" in n]
+    projector = [
+        n for n in params if ("multi_modal_projector" in n or "merger" in n) and "modules_to_save" in n
+    ]
+    assert tower_b and projector
+    before = {n: params[n].detach().clone() for n in projector}
+    assert all(params[n].abs().sum() == 0 for n in tower_b)
+    trainer.train()
+    assert all(params[n].abs().sum() > 0 for n in tower_b)
+    assert all(not torch.equal(params[n], before[n]) for n in projector)

@@ -143,9 +143,14 @@ def tiny_processor(family: str):
         images = transformers.Idefics3ImageProcessorPil(
             do_image_splitting=False, size={"longest_edge": 28}, max_image_size={"longest_edge": 28}
         )
-        return transformers.Idefics3Processor(
+        processor = transformers.Idefics3Processor(
             image_processor=images, tokenizer=tokenizer, image_seq_len=4, chat_template=template
         )
+        # its constructor replaces the tokenizer's additional special tokens with its own: add ours back
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *_SPECIAL_TOKENS[family]]}
+        )
+        return processor
     if family == "gemma3":
         images = transformers.Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
         return transformers.Gemma3Processor(

@@ -23,6 +23,8 @@ _EXPORTS = {
     "UnslothTrainer": "tunesmith.trainer",
     "FastLanguageModel": "tunesmith.models.fast",
     "FastModel": "tunesmith.models.fast",
+    "FastVisionModel": "tunesmith.models.fast",
+    "UnslothVisionDataCollator": "tunesmith.data.vision",
     "is_bfloat16_supported": "tunesmith.models.fast",
     "prepare_dataset": "tunesmith.data.pipeline",
     "DatasetSource": "tunesmith.data.mixture",

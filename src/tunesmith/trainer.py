@@ -131,6 +131,9 @@ class SFTTrainer(Trainer):
         skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
         # what prepare_dataset did to each split (examples in/out, truncated, dropped, how files were read)
         self.data_stats: dict = {}
+        # TRL's vision recipe: a processor and the user's own collator, which reads the raw rows
+        raw_vision = data_collator is not None and _is_processor(processing_class)
+        skip_prepare = skip_prepare or raw_vision
         if not skip_prepare:
             train_dataset, eval_dataset = _prepare_datasets(
                 train_dataset, eval_dataset, processing_class, args, formatting_func, stats=self.data_stats
@@ -165,6 +168,10 @@ class SFTTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         if not skip_prepare:
             self._signature_columns = list(_DATASET_COLUMNS) + list(_VISION_ROW_COLUMNS)
+        elif raw_vision:  # the user's collator gets every column (messages, images, ...)
+            self._signature_columns = (
+                list(getattr(train_dataset, "column_names", None) or []) + _DATASET_COLUMNS
+            )
         self.nonfinite_guard = NonFiniteLossGuard()
         self._step_rows: list[int] = []
         self._signal_stop = SignalCheckpointCallback()
@@ -929,6 +936,7 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
         logger.debug("%s dataset: %s", name, prepared.stats)
         return prepared
 
+    _refuse_images_without_processor(dataset, name)
     kwargs = pipeline_kwargs(prepare_dataset, args, formatting_func, packing)
     # an IterableDataset is tokenized (and packed) lazily, as it streams
     kwargs["streaming"] = isinstance(dataset, datasets.IterableDataset)
@@ -941,6 +949,32 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
         # carried through the collator so that a non-finite loss can name the rows that caused it
         data = data.add_column("example_index", list(range(len(data))))
     return data
+
+
+def _refuse_images_without_processor(dataset, name: str) -> None:
+    """Rows with images given with a plain tokenizer: say what to pass, instead of failing in the text path."""
+    import datasets
+
+    from tunesmith.data.vision import is_vision_example
+
+    if isinstance(dataset, list) and dataset and isinstance(dataset[0], dict):
+        first = dataset[0]
+    elif isinstance(dataset, datasets.Dataset) and len(dataset):
+        first = dataset[0]
+    else:
+        return
+    if is_vision_example(first):
+        raise ValueError(
+            f"SFTTrainer: the {name} data has images, but processing_class is a tokenizer; pass the model's "
+            "processor (processing_class=AutoProcessor.from_pretrained(...)), or leave it unset for a "
+            "vision-language model given by name"
+        )
+
+
+def _is_processor(processing_class) -> bool:
+    from tunesmith.data.vision import is_processor
+
+    return is_processor(processing_class)
 
 
 def _notice_vision_settings(args: SFTConfig) -> None:

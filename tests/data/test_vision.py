@@ -96,6 +96,49 @@ def test_expand_labels_refuses_text_it_cannot_find():
         )
 
 
+def test_idefics3_image_splitting_mask():
+    """SmolVLM / Idefics3 tile a large image: row/column markers and newlines inside the expansion."""
+    import transformers
+
+    from tests.tiny_vision import tiny_vlm_tokenizer
+
+    tokenizer = tiny_vlm_tokenizer("idefics3")
+    images = transformers.Idefics3ImageProcessorPil(
+        do_image_splitting=True, size={"longest_edge": 56}, max_image_size={"longest_edge": 28}
+    )
+    processor = transformers.Idefics3Processor(
+        image_processor=images, tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    data = prepare_vision_dataset([_two_turns()], processor, max_length=None)
+    batch = VisionCollator(processor)([data[0]])
+    # 56x56: 2 x 2 tiles + the global view; 80x40: 2 x 1 tiles + the global view
+    assert batch["pixel_values"].shape[1] == 8
+    trained = [t for t in batch["labels"][0].tolist() if t != IGNORE]
+    want = tokenizer("a red square<|im_end|>red<|im_end|>a blue circle<|im_end|>", add_special_tokens=False)
+    assert trained == want.input_ids
+
+
+def test_expand_labels_with_a_byte_level_bpe_that_merges_newlines_around_images():
+    """Gemma 3 writes "\n\n" around each image; with byte-level BPE they merge with the template's own
+    newline into other tokens. The assistant text is still found and only it is trained."""
+    from tests.tiny import tiny_bpe_tokenizer
+
+    texts = ["user\n\n\n\nwhat is it\n\n", "assistant\na red square\n\n\n"] * 50
+    tok = tiny_bpe_tokenizer(texts, vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": ["<IMG>", "<boi>", "<soft>", "<eoi>"]})
+    text = "<|im_start|>user\n<IMG>what is it<|im_end|>\n<|im_start|>assistant\na red square<|im_end|>\n"
+    expanded = text.replace("<IMG>", "\n\n<boi>" + "<soft>" * 4 + "<eoi>\n\n")
+    ids = tok(text, add_special_tokens=False).input_ids
+    start = text.index("a red square")
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    trained = [int(s >= start and e <= len(text) - 1) for s, e in enc.offset_mapping]
+    e_ids = tok(expanded, add_special_tokens=False).input_ids
+    assert len(e_ids) > len(ids)
+    labels = expand_labels(ids, trained, e_ids, tok.convert_tokens_to_ids("<IMG>"))
+    assert tok.decode([t for t in labels if t != IGNORE]) == "a red square<|im_end|>"
+
+
 def test_prompt_completion_and_single_image_column():
     ex = vision_example({"prompt": "what is it", "completion": "a square", "image": "a.png"})
     assert ex.messages[0] == {
@@ -103,6 +146,19 @@ def test_prompt_completion_and_single_image_column():
         "content": [{"type": "image"}, {"type": "text", "text": "what is it"}],
     }
     assert ex.messages[1]["role"] == "assistant" and ex.trained_from == 1 and ex.images == ["a.png"]
+
+
+def test_images_inline_in_the_parts():
+    part = {"type": "image", "image": "a.png"}
+    ex = vision_example(
+        {"messages": [{"role": "user", "content": [part]}, {"role": "assistant", "content": "x"}]}
+    )
+    assert ex.images == ["a.png"] and ex.messages[0]["content"] == [{"type": "image"}]
+    both = {"messages": [{"role": "user", "content": [part]}], "images": ["b.png"]}
+    with pytest.raises(DataError, match="images both inside the messages"):
+        vision_example(both)
+    with pytest.raises(DataError, match="example 2, image 0: image 'https://x/y.png' is a URL"):
+        load_image("https://x/y.png", where="example 2, image 0")
 
 
 def test_images_without_placeholders_go_to_the_first_user_turn():
@@ -195,3 +251,89 @@ def test_docstring_examples():
 
     result = doctest.testmod(vision, verbose=False)
     assert result.attempted >= 3 and result.failed == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_rows_batch_with_image_rows(family):
+    from tests.tiny_vision import tiny_vlm
+
+    processor = tiny_processor(family)
+    rows = [
+        {"messages": [_user("what shape"), {"role": "assistant", "content": "a red square"}],
+         "images": [shape_image("red", "square")]},
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]},
+    ]  # fmt: skip
+    data = prepare_vision_dataset(rows, processor, max_length=None)
+    batch = VisionCollator(processor)([data[1], data[0]])
+    tok = processor.tokenizer
+    assert [tok.decode([t for t in row.tolist() if t != IGNORE]) for row in batch["labels"]] == [
+        "hi <|im_end|>",
+        "a red square <|im_end|>",
+    ]
+    forward = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+    logits = tiny_vlm(family)(**forward).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_a_datasets_image_column_is_kept_lazily():
+    """Images decoded from a datasets.Dataset are not held by the prepared rows: they are read back from the
+    dataset per batch (RowImage), so a large image set is not all decoded in memory at once."""
+    from datasets import Dataset, Features, Image, Value
+
+    from tunesmith.data.vision import RowImage
+
+    features = Features({"prompt": Value("string"), "completion": Value("string"), "image": Image()})
+    rows = Dataset.from_dict(
+        {"prompt": ["what is it"] * 2, "completion": ["a red square", "a blue circle"],
+         "image": [shape_image("red", "square"), shape_image("blue", "circle")]},
+        features=features,
+    )  # fmt: skip
+    processor = tiny_processor("qwen2_vl")
+    data = prepare_vision_dataset(rows, processor, max_length=None)
+    assert all(isinstance(ref, RowImage) for row in data.rows for ref in row["images"])
+    assert load_image(data[1]["images"][0]).getpixel((28, 28)) == (30, 60, 220)
+    batch = VisionCollator(processor)([data[0], data[1]])
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+
+
+def test_unsloth_vision_collator_takes_raw_rows():
+    from tunesmith import UnslothVisionDataCollator
+
+    processor = tiny_processor("qwen2_vl")
+    raw = [{"messages": [_user("what is it"), {"role": "assistant", "content": "a red square"}],
+            "images": [shape_image("red", "square")]}]  # fmt: skip
+    collator = UnslothVisionDataCollator(None, processor, train_on_responses_only=True)
+    batch = collator(raw)
+    expected = VisionCollator(processor)([prepare_vision_dataset(raw, processor, max_length=None)[0]])
+    assert torch.equal(batch["input_ids"], expected["input_ids"]) and torch.equal(
+        batch["labels"], expected["labels"]
+    )
+    with pytest.raises(DataError, match="batch example 0: 22 tokens .* more than max_seq_length=8"):
+        UnslothVisionDataCollator(None, processor, max_seq_length=8)(raw)
+
+
+def test_llava_instruct_mix_rows_from_arrow():
+    """Rows as HuggingFaceH4/llava-instruct-mix-vsft stores them (TRL's sft_vlm data): every part has
+    `type`, `text` and `index` (None where unused), the images a list column of datasets.Image."""
+    from datasets import Dataset, Features, Image, Sequence, Value
+
+    part = {"index": Value("int64"), "text": Value("string"), "type": Value("string")}
+    features = Features(
+        {
+            "messages": [{"role": Value("string"), "content": [part]}],
+            "images": Sequence(Image()),
+        }
+    )
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"index": 0, "text": None, "type": "image"},
+                                         {"index": None, "text": "\nwhat is in the picture", "type": "text"}]},
+            {"role": "assistant", "content": [{"index": None, "text": "a red square", "type": "text"}]},
+        ],
+        "images": [shape_image("red", "square")],
+    }  # fmt: skip
+    processor = tiny_processor("idefics3")
+    data = prepare_vision_dataset(Dataset.from_list([row], features=features), processor, max_length=None)
+    batch = VisionCollator(processor)([data[0]])
+    trained = [t for t in batch["labels"][0].tolist() if t != IGNORE]
+    assert processor.tokenizer.decode(trained) == "a red square <|im_end|>"

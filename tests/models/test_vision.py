@@ -64,3 +64,37 @@ def test_vision_tower_lora_and_projector_training(family):
 def test_vision_options_on_a_text_model_are_refused():
     with pytest.raises(ValueError, match="vision-language models only"):
         apply_lora(tiny_model("llama"), vision_tower=True)
+
+
+def test_memory_policy_checkpoints_the_language_model_when_the_tower_is_frozen():
+    from tunesmith.ops.offload import decoder_layers
+
+    lora = apply_lora(tiny_vlm("llava"), r=4)
+    assert len(decoder_layers(lora)) == 2  # the language model's 2 layers, not the frozen CLIP layer
+    assert len(decoder_layers(tiny_vlm("llava"))) == 3  # full fine-tuning: the tower trains too
+    assert len(decoder_layers(apply_lora(tiny_vlm("llava"), r=4, vision_tower=True))) == 3
+
+
+def test_fast_vision_model_switches(tmp_path):
+    """Unsloth's FastVisionModel: load a saved VLM folder with its processor; the finetune_* switches pick the
+    LoRA layers (Unsloth's defaults: vision and language, attention and MLP)."""
+    from tests.tiny_vision import tiny_processor
+    from tunesmith import FastVisionModel
+
+    tiny_vlm("llava").save_pretrained(tmp_path)
+    tiny_processor("llava").save_pretrained(tmp_path)
+    model, processor = FastVisionModel.from_pretrained(str(tmp_path), dtype="float32")
+    assert hasattr(processor, "image_processor") and is_vision_model(model)
+
+    def adapted(**switches):
+        peft = FastVisionModel.get_peft_model(
+            FastVisionModel.from_pretrained(str(tmp_path))[0], r=4, **switches
+        )
+        return {n.split(".lora_")[0].removeprefix("base_model.model.") for n in _trainable(peft)}
+
+    everything = adapted()
+    assert any(n.startswith("model.vision_tower.") for n in everything)
+    assert not any(n.startswith("model.multi_modal_projector.") for n in everything)
+    language_mlp = adapted(finetune_vision_layers=False, finetune_attention_modules=False)
+    assert language_mlp and all(n.startswith("model.language_model.") and ".mlp." in n for n in language_mlp)
+    assert len(language_mlp) == 2 * 3  # gate, up, down in 2 layers

@@ -27,6 +27,7 @@ would cut through an image's tokens, which the model cannot run).
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -80,12 +81,19 @@ def load_image(value, *, base_dir: str | os.PathLike | None = None, where: str =
     dict `{"bytes": ..., "path": ...}`. Errors name `where` and say what to fix."""
     from PIL import Image
 
+    if isinstance(value, RowImage):
+        value = value.load()
     if isinstance(value, Image.Image):
         return value if value.mode == "RGB" else value.convert("RGB")
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
         source, name = io.BytesIO(value), f"{len(value)} bytes"
+    elif isinstance(value, str) and value.startswith(("http://", "https://")):
+        raise DataError(
+            f"{where}: image {value!r} is a URL; tunesmith reads local files only (nothing is downloaded): "
+            "download it and give its path"
+        )
     elif isinstance(value, (str, os.PathLike)):
         path = Path(value).expanduser()
         if not path.is_absolute() and base_dir is not None:
@@ -107,16 +115,34 @@ def load_image(value, *, base_dir: str | os.PathLike | None = None, where: str =
     return image.convert("RGB")
 
 
-def _image_ref(value, base_dir, where: str):
-    """What the prepared dataset keeps for an image: the PIL image, bytes, or an absolute path. The image
-    is opened once here so that a missing or unreadable one is reported before training."""
+@dataclass(frozen=True)
+class RowImage:
+    """Image `j` of column `column` in row `index` of a `datasets.Dataset`, decoded when needed: a prepared
+    vision dataset keeps this instead of the decoded image, so its memory does not grow with the images."""
+
+    dataset: object
+    index: int
+    column: str
+    j: int
+
+    def load(self):
+        value = self.dataset[self.index][self.column]
+        return value[self.j] if self.column == "images" else value
+
+
+def _image_ref(value, base_dir, where: str, lazy: RowImage | None = None):
+    """(what the prepared dataset keeps for an image, the opened image). Kept: the PIL image or bytes as
+    given, an absolute path, or `lazy` (a `RowImage`) for a decoded image of a `datasets.Dataset`. The
+    image is opened here so that a missing or unreadable one is reported before training."""
     image = load_image(value, base_dir=base_dir, where=where)
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (str, os.PathLike)):
         path = Path(value).expanduser()
-        return str(path if path.is_absolute() or base_dir is None else Path(base_dir) / path), image.size
-    return value, image.size
+        return str(path if path.is_absolute() or base_dir is None else Path(base_dir) / path), image
+    if lazy is not None and not isinstance(value, (bytes, bytearray)):
+        return lazy, image
+    return value, image
 
 
 # --------------------------------------------------------------------------- examples
@@ -131,7 +157,12 @@ class VisionExample:
     trained_from: int  # messages[i] with role "assistant" and i >= trained_from are trained
 
 
-def _parts(content, where: str, role: str) -> list[dict]:
+# keys under which an image part may hold its image inline ({"type": "image", "image": <PIL or path>})
+_INLINE_KEYS = ("image", "path", "url")
+
+
+def _parts(content, where: str, role: str, inline: list | None = None) -> list[dict]:
+    """Content parts, normalised; the inline image of each image part (or None) is appended to `inline`."""
     if content is None:
         return []
     if isinstance(content, str):
@@ -149,6 +180,8 @@ def _parts(content, where: str, role: str) -> list[dict]:
             parts.append({"type": "text", "text": part["text"]})
         elif kind == "image":
             parts.append({"type": "image"})
+            if inline is not None:
+                inline.append(next((part[k] for k in _INLINE_KEYS if part.get(k) is not None), None))
         else:
             raise DataError(
                 f"{where}: {role} content part {j} must be {{'type': 'image'}} or {{'type': 'text', 'text': ...}}, "
@@ -193,10 +226,18 @@ def vision_example(example: dict, where: str = "example") -> VisionExample:
         images = [] if example.get("image") is None else [example["image"]]
     elif not isinstance(images, (list, tuple)):
         images = [images]
-    messages = []
+    messages, inline = [], []
     for msg in raw:
         role = msg["role"]
-        messages.append({"role": role, "content": _parts(msg.get("content"), where, role)})
+        messages.append({"role": role, "content": _parts(msg.get("content"), where, role, inline)})
+    given = [value for value in inline if value is not None]
+    if given and images:
+        raise DataError(
+            f"{where}: images both inside the messages ({{'type': 'image', 'image': ...}}) and in `images`; "
+            "give them in one place"
+        )
+    if given:
+        images = given
     placeholders = sum(p["type"] == "image" for m in messages for p in m["content"])
     for i, msg in enumerate(messages):
         if msg["role"] == "assistant" and any(p["type"] == "image" for p in msg["content"]):
@@ -344,6 +385,9 @@ class VisionStats:
     supervised_tokens: int = 0
     dropped: dict | None = None
     max_length: int | None = None
+    # processed lengths (images expanded) before dropping, as pipeline.DataStats has them
+    length_histogram: dict | None = None
+    length_percentiles: dict | None = None
 
     def summary(self) -> str:
         lines = [f"data: {self.source} ({self.format})"]
@@ -355,6 +399,9 @@ class VisionStats:
         share = f" ({100 * self.supervised_tokens / self.tokens:.1f}%)" if self.tokens else ""
         lines.append(f"  tokens: {self.tokens}, of which trained: {self.supervised_tokens}{share}")
         lines.append(f"  rows: {self.examples_out} (not packed; images are processed per batch)")
+        if self.length_percentiles:
+            p = self.length_percentiles
+            lines.append(f"  example length: median {p['p50']}, p90 {p['p90']}, max {p['max']} tokens")
         return "\n".join(lines)
 
 
@@ -387,59 +434,93 @@ def _rows_and_base_dir(source, split):
     return load_source(source, split=split), base
 
 
+def prepare_row(raw: dict, processor, *, where: str, base_dir=None, chat_template=None, lazy=None):
+    """One raw example -> (prepared row, its labels over the processed tokens): normalised, images opened
+    (errors name `where`), rendered, placeholders checked, processed once for its length and labels.
+    `lazy(j)`, when given, is what the row keeps for image j (a `RowImage`) instead of the decoded image."""
+    example = vision_example(raw, where)
+    refs = [
+        _image_ref(value, base_dir, f"{where}, image {j}", lazy(j) if lazy else None)
+        for j, value in enumerate(example.images)
+    ]
+    text, ids, trained = render(processor, example, chat_template=chat_template, where=where)
+    placeholder = placeholder_token_id(processor)
+    found = ids.count(placeholder)
+    if found != len(refs):
+        raise DataError(
+            f"{where}: the chat template wrote {found} image placeholder(s) for {len(refs)} image(s); "
+            "use the model's processor (its chat template renders {'type': 'image'} parts)"
+        )
+    images = [image for _, image in refs]
+    expanded = _process(processor, [text], [images] if images else None)["input_ids"][0].tolist()
+    labels = expand_labels(ids, trained, expanded, placeholder, where=where)
+    row = {
+        "text": text,
+        "text_ids": ids,
+        "trained": trained,
+        "images": [ref for ref, _ in refs],
+        "image_sizes": [image.size for _, image in refs],
+        "length": len(expanded),
+        "image_tokens": len(expanded) - len(ids) + len(refs),
+    }
+    return row, labels
+
+
 def prepare_vision_dataset(
     source, processor, *, max_length: int | None = 1024, chat_template=None, split=None
 ) -> VisionDataset:
     """Normalise, check and render every example of `source`; measure its processed length and drop (and
     count) those longer than `max_length`. The images are opened here (errors name the example) but kept as
     given; the processor runs again per batch in `VisionCollator`."""
+    import datasets
+
     rows_in, base_dir = _rows_and_base_dir(source, split)
+    lazy_rows = isinstance(rows_in, datasets.Dataset)  # decoded images are re-read from it, not kept
+    if isinstance(rows_in, datasets.IterableDataset):
+        logger.warning(
+            "%s: a streamed vision data set is read in full once here (every image opened and measured) and kept "
+            "in memory; vision data is not streamed",
+            describe_source(source),
+        )
     name = describe_source(source)
-    placeholder = placeholder_token_id(processor)
+    placeholder_token_id(processor)  # not an image-text processor: say so before reading anything
     stats = VisionStats(
         source=name, max_length=max_length, dropped={"longer_than_max_length": 0, "no_trained_token": 0}
     )
-    rows = []
+    rows, lengths = [], []
     for index, raw in enumerate(rows_in):
-        where = f"{name}: example {index}"
         stats.examples_in += 1
-        example = vision_example(dict(raw), where)
-        refs = [_image_ref(value, base_dir, f"{where}, image {j}") for j, value in enumerate(example.images)]
-        text, ids, trained = render(processor, example, chat_template=chat_template, where=where)
-        found = ids.count(placeholder)
-        if found != len(refs):
-            raise DataError(
-                f"{where}: the chat template wrote {found} image placeholder(s) for {len(refs)} image(s); "
-                "use the model's processor (its chat template renders {'type': 'image'} parts)"
-            )
-        images = [load_image(ref) for ref, _ in refs]
-        expanded = _process(processor, [text], [images] if images else None)["input_ids"][0].tolist()
-        labels = expand_labels(ids, trained, expanded, placeholder, where=where)
+        raw = dict(raw)
+        column = next((c for c in IMAGE_COLUMNS if raw.get(c) not in (None, [])), None)
+        lazy = functools.partial(RowImage, rows_in, index, column) if column and lazy_rows else None
+        row, labels = prepare_row(
+            raw,
+            processor,
+            where=f"{name}: example {index}",
+            base_dir=base_dir,
+            chat_template=chat_template,
+            lazy=lazy,
+        )
+        row["example_index"] = index
         supervised = sum(label != IGNORE_INDEX for label in labels)
-        if max_length is not None and len(expanded) > max_length:
+        lengths.append(row["length"])
+        if max_length is not None and row["length"] > max_length:
             stats.dropped["longer_than_max_length"] += 1
             continue
         if supervised == 0:
             stats.dropped["no_trained_token"] += 1
             continue
-        image_tokens = len(expanded) - len(ids) + len(refs)
-        rows.append(
-            {
-                "text": text,
-                "text_ids": ids,
-                "trained": trained,
-                "images": [ref for ref, _ in refs],
-                "image_sizes": [size for _, size in refs],
-                "length": len(expanded),
-                "image_tokens": image_tokens,
-                "example_index": index,
-            }
-        )
-        stats.images += len(refs)
-        stats.image_tokens += image_tokens
-        stats.tokens += len(expanded)
+        rows.append(row)
+        stats.images += len(row["images"])
+        stats.image_tokens += row["image_tokens"]
+        stats.tokens += row["length"]
         stats.supervised_tokens += supervised
     stats.examples_out = len(rows)
+    import numpy as np
+
+    from tunesmith.data.pipeline import _length_summary
+
+    stats.length_histogram, stats.length_percentiles = _length_summary(np.array(lengths, dtype=np.int64))
     if stats.dropped["longer_than_max_length"]:
         logger.warning(
             "%s: dropped %d example(s) longer than max_length=%s after image expansion (cutting one would cut "
@@ -564,3 +645,34 @@ class VisionCollator:
         batch["labels"] = labels
         batch["shift_labels"] = shift_labels(labels, [[labels.shape[1]]] * labels.shape[0])
         return batch
+
+
+class UnslothVisionDataCollator:
+    """Unsloth's name for a collator of *raw* vision rows (its scripts pass it with
+    `dataset_kwargs={"skip_prepare_dataset": True}`): each batch's rows are normalised, checked, rendered
+    and masked here (`prepare_row`), then batched by `VisionCollator`. Unlike Unsloth's, it trains the
+    assistant turns only (as tunesmith's vision path does everywhere); Unsloth-only options are accepted
+    and ignored. Rows longer than `max_seq_length` are an error here (a collator cannot drop them; the
+    trainer's own preparation drops and counts them instead)."""
+
+    def __init__(self, model, processor, formatting_func=None, max_seq_length=None, **unsloth_options):
+        if formatting_func is not None:
+            raise ValueError(
+                "UnslothVisionDataCollator: formatting_func is not supported; give TRL-format rows"
+            )
+        if unsloth_options:
+            logger.info("UnslothVisionDataCollator: ignoring %s", sorted(unsloth_options))
+        self.processor, self.max_length = processor, max_seq_length
+        self.collator = VisionCollator(processor)
+
+    def __call__(self, examples: Sequence[dict]) -> dict:
+        rows = []
+        for i, raw in enumerate(examples):
+            row, _ = prepare_row(dict(raw), self.processor, where=f"batch example {i}")
+            if self.max_length is not None and row["length"] > self.max_length:
+                raise DataError(
+                    f"batch example {i}: {row['length']} tokens once its images are expanded, more than "
+                    f"max_seq_length={self.max_length}; cutting it would cut through an image"
+                )
+            rows.append(row)
+        return self.collator(rows)

@@ -225,3 +225,91 @@ class FastLanguageModel:
 
 # Newer Unsloth notebooks load text models through `FastModel`; the same entry points.
 FastModel = FastLanguageModel
+
+
+class FastVisionModel(FastLanguageModel):
+    """Unsloth's `FastVisionModel`: a vision-language model and its processor, and LoRA chosen by Unsloth's
+    `finetune_*` switches. Unsloth's defaults are kept (all four switches on: LoRA in the vision tower too,
+    which is not the trainer's own default of the language model only)."""
+
+    @staticmethod
+    def from_pretrained(model_name, max_seq_length=2048, dtype=None, load_in_4bit=False, **kwargs):
+        """(model, processor) for a vision-language `model_name` (a folder or Hub id)."""
+        from tunesmith.models.vision import is_vision_model, load_processor
+
+        kwargs = _drop_unsloth_only(kwargs, "FastVisionModel.from_pretrained")
+        trust_remote_code = kwargs.pop("trust_remote_code", False)
+        model = load_model(
+            model_name,
+            dtype="auto" if dtype is None else dtype,
+            trust_remote_code=trust_remote_code,
+            quantization=_quantization(
+                load_in_4bit, kwargs.pop("load_in_8bit", False), kwargs.get("full_finetuning")
+            ),
+            **{k: v for k, v in kwargs.items() if k != "full_finetuning"},
+        )
+        if not is_vision_model(model):
+            raise ValueError(
+                f"FastVisionModel: {model_name} is not a vision-language model; use FastLanguageModel"
+            )
+        _set_max_seq_length(model, max_seq_length)
+        return model, load_processor(model_name, trust_remote_code=trust_remote_code)
+
+    @staticmethod
+    def get_peft_model(
+        model,
+        finetune_vision_layers=True,
+        finetune_language_layers=True,
+        finetune_attention_modules=True,
+        finetune_mlp_modules=True,
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        random_state=3407,
+        use_rslora=False,
+        target_modules=None,
+        modules_to_save=None,
+        **kwargs,
+    ):
+        """LoRA on the linear layers the switches select (explicit `target_modules` win): the language model's
+        and / or the vision tower's, their attention and / or MLP projections. The projector stays frozen
+        unless listed in `modules_to_save`."""
+        from tunesmith.models.vision import language_model_prefix, lora_targets
+
+        if target_modules is None:
+            targets = lora_targets(model, vision_tower=finetune_vision_layers)
+            language = language_model_prefix(model) + "."
+            if not finetune_language_layers:
+                targets = [t for t in targets if not t.startswith(language)]
+            kinds = [
+                k
+                for k, on in (("attention", finetune_attention_modules), ("mlp", finetune_mlp_modules))
+                if on
+            ]
+            targets = [t for t in targets if _module_kind(t) in kinds]
+            if not targets:
+                raise ValueError("FastVisionModel.get_peft_model: the finetune_* switches select no layer")
+            target_modules = targets
+        kwargs.pop("use_gradient_checkpointing", None)
+        return FastLanguageModel.get_peft_model(
+            model,
+            r=r,
+            target_modules=target_modules,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            bias=bias,
+            use_gradient_checkpointing=False,
+            random_state=random_state,
+            use_rslora=use_rslora,
+            modules_to_save=modules_to_save,
+            **kwargs,
+        )
+
+
+def _module_kind(name: str) -> str:
+    """ "attention" or "mlp" for a linear layer's full name (by its parent module's name)."""
+    parts = name.split(".")
+    if any(p in ("self_attn", "attn", "attention", "cross_attn") for p in parts):
+        return "attention"
+    return "mlp"

@@ -103,6 +103,17 @@ def lora_targets(model, *, vision_tower: bool = False) -> list[str]:
     return targets
 
 
+def language_model_if_tower_frozen(model) -> nn.Module | None:
+    """The language model of a VLM whose vision tower has no trainable parameter, else None."""
+    if not is_vision_model(model):
+        return None
+    base = _base(model)
+    towers = [base.get_submodule(name) for name in vision_tower_names(model)]
+    if any(p.requires_grad for tower in towers for p in tower.parameters()):
+        return None
+    return base.get_decoder()
+
+
 def image_text_class(source, *, trust_remote_code: bool = False, **hub_kwargs):
     """`AutoModelForImageTextToText` when the checkpoint at `source` is a vision-language model, else None."""
     from pathlib import Path

@@ -176,10 +176,19 @@ def _plain_checkpoint(run, *args):
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks transformers can checkpoint (GradientCheckpointingLayer instances)."""
+    """The repeated blocks transformers can checkpoint (GradientCheckpointingLayer instances). On a
+    vision-language model whose vision tower is frozen (LoRA's default) only the language model's: a frozen
+    tower keeps no activations for backward, so checkpointing it would save nothing."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    from tunesmith.models.vision import language_model_if_tower_frozen
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    language = language_model_if_tower_frozen(model)
+    if language is not None:
+        inside = {id(m) for m in language.modules()}
+        layers = [m for m in layers if id(m) in inside]
+    return layers
 
 
 @dataclass
