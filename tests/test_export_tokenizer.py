@@ -93,6 +93,7 @@ def test_llama_cpp_tokenizes_real_texts_as_the_default_models_tokenizer(default_
         for i, text in enumerate(texts)
         if llama_cpp_tokens(llm, text) != tokenizer(text, add_special_tokens=False)["input_ids"]
     ]
+    llm.close()
     assert not differ, f"{len(differ)} of {len(texts)} texts tokenize differently, e.g. {texts[differ[0]]!r}"
 
 
@@ -170,6 +171,7 @@ def test_llama_cpp_tokenizes_like_each_supported_pre_tokenizer(tmp_path, name):
         for i, text in enumerate(texts)
         if llama_cpp_tokens(llm, text) != tokenizer(text, add_special_tokens=False)["input_ids"]
     ]
+    llm.close()
     assert not differ, f"{name}: {len(differ)} of {len(texts)} texts differ, e.g. {texts[differ[0]]!r}"
 
 

@@ -192,3 +192,13 @@ def test_vision_tower_lora_and_projector_get_gradients(family, tmp_path):
     trainer.train()
     assert all(params[n].abs().sum() > 0 for n in tower_b)
     assert all(not torch.equal(params[n], before[n]) for n in projector)
+
+
+def test_vision_data_summary_is_in_data_stats(tmp_path):
+    """`tunesmith train` prints trainer.data_stats["train"].summary() before the first step: vision data too."""
+    processor, model = tiny_processor("llava"), tiny_vlm("llava")
+    trainer = SFTTrainer(
+        model=model, args=config(tmp_path), train_dataset=shape_rows(), processing_class=processor
+    )
+    summary = trainer.data_stats["train"].summary()
+    assert "examples: 3 in, 3 out" in summary and "images: 3 (12 image tokens)" in summary

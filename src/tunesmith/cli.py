@@ -515,6 +515,11 @@ def cmd_export(args) -> int:
         modelfile = write_modelfile(args.model, args.ollama, out)
         print(f"Ollama Modelfile written to {modelfile}")
         print(f"  run it in Ollama: ollama create my-model -f {modelfile} && ollama run my-model")
+        if len(shards) > 1:
+            print(
+                "  note: Ollama releases before split-GGUF import (ollama/ollama#5245) refuse sharded files; "
+                "for those, export without --max-shard-size"
+            )
     return 0
 
 

@@ -129,11 +129,11 @@ class SFTTrainer(Trainer):
         model, self.memory_policy = _prepare_model(model, args, peft_config)
         processing_class = _prepare_tokenizer(processing_class, model, args)
         skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
+        # what prepare_dataset did to each split (examples in/out, truncated, dropped, how files were read)
+        self.data_stats: dict = {}
         # TRL's vision recipe: a processor and the user's own collator, which reads the raw rows
         raw_vision = data_collator is not None and _is_processor(processing_class)
         skip_prepare = skip_prepare or raw_vision
-        # what prepare_dataset did to each split (examples in/out, truncated, dropped, how files were read)
-        self.data_stats: dict = {}
         if not skip_prepare:
             train_dataset, eval_dataset = _prepare_datasets(
                 train_dataset, eval_dataset, processing_class, args, formatting_func, stats=self.data_stats
