@@ -1,5 +1,5 @@
 """Every supported family, exported as f32 GGUF and run by llama.cpp: the logits of a 40-token text equal
-transformers' to 1e-4 of the largest logit (3e-4 for Gemma, see below) (float32 throughout, KV cache included, so the only
+transformers' to 1e-4 of the largest logit (6e-4 for Gemma, see below) (float32 throughout, KV cache included, so the only
 difference is summation order). Tiny random models with random norms and features that change the
 result when written wrong: GQA (Q and K permuted differently), sliding windows shorter than the text,
 logit soft-capping that bites, rope scaling, Qwen's q/k/v biases, Qwen3's and Gemma 3's q/k norms."""
@@ -12,6 +12,7 @@ from tests.llama_cpp_check import llama_cpp_logits, load, need_llama_cpp, real_t
 from tests.tiny import tiny_bpe_tokenizer, tiny_model
 from tunesmith.export import export_gguf
 
+GEMMA_TOLERANCE = 6e-4  # see test_llama_cpp_logits_equal_transformers
 TEXT = "def add(a, b):\n    return a + b  # 2021-03-05, (x = 3)"
 
 VARIANTS = {
@@ -140,7 +141,9 @@ def test_llama_cpp_logits_equal_transformers(tmp_path, variant):
     rel = np.abs(got - expected).max() / np.abs(expected).max()
     # Gemma: an activation on an f16 rounding boundary of ggml's GELU table may land one f16 step
     # away from the reference's (measured up to 1.02e-4); a misplaced tensor gives O(1)
-    tolerance = 3e-4 if variant.startswith("gemma") else 1e-4
+    # Gemma: ggml's GELU reads an f16 table; measured 1.0e-4 to 3.1e-4 across runs of the suite (thread
+    # counts change the order of llama.cpp's sums), so 6e-4; a wrong tensor or rope is ~1e-1
+    tolerance = GEMMA_TOLERANCE if variant.startswith("gemma") else 1e-4
     assert rel < tolerance, f"{variant}: relative logit error {rel:.2e}"
 
 
@@ -168,4 +171,4 @@ def test_export_straight_from_an_adapter_folder(tmp_path, variant):
     got = llama_cpp_logits(llm, ids)
     llm.close()
     rel = np.abs(got - expected).max() / np.abs(expected).max()
-    assert rel < (3e-4 if variant.startswith("gemma") else 1e-4), f"{variant}: {rel:.2e}"
+    assert rel < (GEMMA_TOLERANCE if variant.startswith("gemma") else 1e-4), f"{variant}: {rel:.2e}"

@@ -75,17 +75,23 @@ def test_shards_load_from_the_first_and_equal_the_whole_file(tmp_path, wide_llam
     np.testing.assert_array_equal(logits[0], logits[1])
 
 
-def test_an_interrupted_export_leaves_nothing(tmp_path, wide_llama, monkeypatch):
+@pytest.mark.parametrize("fault", ["interrupt", "disk full"])
+def test_an_interrupted_export_leaves_nothing(tmp_path, wide_llama, monkeypatch, fault):
     import tunesmith.export.gguf_file as gguf_file
+    from tunesmith.checkpoint import CheckpointError
 
     folder, _, _ = wide_llama
     (tmp_path / "out").mkdir()
 
     def fail(name, data, type):
-        raise OSError("No space left on device")
+        raise KeyboardInterrupt if fault == "interrupt" else OSError(28, "No space left on device")
 
     monkeypatch.setattr(gguf_file, "encode_tensor", fail)
-    with pytest.raises(OSError, match="No space left"):
+    # an interruption goes through as it is; a full disk becomes the one-line error naming the folder
+    expected = (
+        (KeyboardInterrupt, "") if fault == "interrupt" else (CheckpointError, "not enough disk space in ")
+    )
+    with pytest.raises(expected[0], match=expected[1]):
         export_gguf(folder, tmp_path / "out" / "m.gguf", type="q8_0")
     assert list((tmp_path / "out").iterdir()) == []
 
