@@ -473,3 +473,24 @@ def test_bf16_mixed_precision_gives_the_fused_loss_the_models_own_hidden_states(
     trainer.train()
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, True)}
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_progress_lines_only_leaves_one_progress_display(tmp_path):
+    # the CLI and the quick start show ProgressLineCallback's lines only: Trainer's tqdm bar
+    # (ProgressCallback) or printed log dicts (PrinterCallback) would repeat the same numbers
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from tunesmith.callbacks import ProgressLineCallback, progress_lines_only
+
+    trainer = SFTTrainer(
+        tiny_model("llama"),
+        args=config(tmp_path),
+        train_dataset=[{"prompt": q, "completion": a} for q, a in PAIRS],
+        processing_class=tiny_tokenizer(),
+    )
+    kinds = lambda: [type(c) for c in trainer.callback_handler.callbacks]  # noqa: E731
+    assert ProgressCallback in kinds() or PrinterCallback in kinds()  # Trainer's own display, before
+    progress_lines_only(trainer)
+    progress_lines_only(trainer)  # twice: still one line display
+    assert ProgressCallback not in kinds() and PrinterCallback not in kinds()
+    assert kinds().count(ProgressLineCallback) == 1

@@ -3,6 +3,7 @@ sample generations at each evaluation, and a one-line progress log."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -19,6 +20,8 @@ __all__ = [
     "TrainingStopped",
     "SampleGenerationCallback",
     "ProgressLineCallback",
+    "no_save_progress_bars",
+    "progress_lines_only",
 ]
 
 logger = logging.getLogger(__name__)
@@ -208,6 +211,31 @@ class SampleGenerationCallback(TrainerCallback):
                 file=stream,
                 flush=True,
             )
+
+
+def progress_lines_only(trainer) -> None:
+    """Make `ProgressLineCallback`'s lines the only progress display: Trainer's own (a tqdm bar, or the
+    printed log dicts with disable_tqdm) would show the same numbers twice more, interleaved."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if not any(isinstance(c, ProgressLineCallback) for c in trainer.callback_handler.callbacks):
+        trainer.add_callback(ProgressLineCallback())
+
+
+@contextlib.contextmanager
+def no_save_progress_bars():
+    """transformers draws a "Writing model shards" bar for every checkpoint, between the progress lines."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 class ProgressLineCallback(TrainerCallback):

@@ -27,7 +27,6 @@ answers at once. Errors in the configuration print one line and exit with status
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import sys
 from dataclasses import dataclass
@@ -163,7 +162,12 @@ def cmd_train(args) -> int:
             run_quickstart(config=config, resume_command=resume)
         return 0
 
-    from tunesmith.callbacks import ProgressLineCallback, TrainingStopped
+    from tunesmith.callbacks import (
+        ProgressLineCallback,
+        TrainingStopped,
+        no_save_progress_bars,
+        progress_lines_only,
+    )
     from tunesmith.checkpoint import check_output_dir
     from tunesmith.report import MetricsCallback, samples_from_history, write_report
     from tunesmith.trainer import SFTTrainer
@@ -181,10 +185,10 @@ def cmd_train(args) -> int:
         eval_dataset=_load_source(data.eval, data.eval_split) if data.eval else None,
         callbacks=[MetricsCallback(), ProgressLineCallback()],
     )
-    _one_progress_display(trainer)
+    progress_lines_only(trainer)
     if "train" in trainer.data_stats:  # examples in/out, truncated, dropped, how the file was read
         print(trainer.data_stats["train"].summary(), file=sys.stderr, flush=True)
-    with _no_save_progress_bars():
+    with no_save_progress_bars():
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     final = {k: v for r in trainer.state.log_history for k, v in r.items() if k in ("loss", "eval_loss")}
     notes = [f"final {k}: {v:.4f}" for k, v in final.items()] + [f"data: {data.train}", f"model: {model}"]
@@ -207,34 +211,11 @@ def cmd_train(args) -> int:
             generations=generations,
         )
         raise stop
-    with _no_save_progress_bars():
+    with no_save_progress_bars():
         trainer.save_model()
     write_report(config.output_dir, title=title, notes=notes, sections=sections, generations=generations)
     print(f"done: model and report in {config.output_dir}")
     return 0
-
-
-def _one_progress_display(trainer) -> None:
-    """ProgressLineCallback's lines are the CLI's progress display: Trainer's own (a tqdm bar, or the
-    printed log dicts with disable_tqdm) would show the same numbers twice more, interleaved."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-
-
-@contextlib.contextmanager
-def _no_save_progress_bars():
-    """transformers draws a "Writing model shards" bar for every checkpoint, between the progress lines."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _apply_threads(show: bool = False):

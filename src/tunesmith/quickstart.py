@@ -206,6 +206,7 @@ def run_quickstart(
     """
     import time
 
+    from tunesmith.callbacks import no_save_progress_bars, progress_lines_only
     from tunesmith.config import load_config
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.report import MetricsCallback, Sample, markdown_table, write_report
@@ -244,7 +245,9 @@ def run_quickstart(
         processing_class=tokenizer,
         callbacks=[MetricsCallback()],
     )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    progress_lines_only(trainer)  # one progress display: a line per log, as `tunesmith train CONFIG`
+    with no_save_progress_bars():
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     if trainer.stopped_by:
         from tunesmith.callbacks import TrainingStopped
 
@@ -257,7 +260,8 @@ def run_quickstart(
             notes=[f"**{stop}**", f"exact match before training: {before:.1%}"],
         )
         raise stop
-    trainer.save_model()
+    with no_save_progress_bars():
+        trainer.save_model()
     during = [
         (r["step"], r["eval_exact_match"]) for r in trainer.state.log_history if "eval_exact_match" in r
     ]
