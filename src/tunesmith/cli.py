@@ -631,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunesmith",
         description="Supervised fine-tuning of causal language models, from one YAML file.",
-        epilog="`tunesmith train` with no config runs the built-in quick start (offline, CPU, about 2.5 minutes on 2 idle cores).",
+        epilog="`tunesmith train` with no config runs the built-in quick start (offline, CPU, about 5 minutes on 2 idle cores).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides = {
