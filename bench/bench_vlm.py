@@ -37,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
+from bench.bench_e2e import TokenCounter  # noqa: E402  (counts text and image tokens: attention_mask)
+
 BATCH, LR, SEED, MAX_LENGTH, EXAMPLES = 4, 2e-4, 42, 1024, 64
 MODEL_DIR = Path("/tmp/tunesmith-bench/vlm-smollm2-clip")
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
@@ -151,19 +153,6 @@ def records(n: int) -> list[dict]:
             }
         )
     return rows
-
-
-class TokenCounter:
-    """Wraps a collator; counts the non-padding tokens (text and image) of every batch."""
-
-    def __init__(self, collator):
-        self.collator, self.tokens, self.slots = collator, 0, 0
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        self.tokens += int(batch["attention_mask"].sum())
-        self.slots += int(batch["input_ids"].numel())
-        return batch
 
 
 def build_trainer(contender: str, steps: int):

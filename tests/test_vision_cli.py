@@ -9,9 +9,9 @@ import json
 
 import pytest
 
+from tests.test_cli import run_cli
 from tests.test_vision_train import QUESTION, SHAPES
 from tests.tiny_vision import shape_image, tiny_processor, tiny_vlm
-from tunesmith.cli import main
 
 
 @pytest.fixture
@@ -54,12 +54,6 @@ training:
 """
     )
     return tmp_path
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_inspect_train_generate_merge_export(vision_run, capsys, monkeypatch):

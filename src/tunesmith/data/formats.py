@@ -466,12 +466,7 @@ def _with_tools(out: dict, example: dict, where: str) -> dict:
     if isinstance(tools, str):
         if not tools.strip():
             return out
-        try:
-            tools = json.loads(tools)  # JSON only: nothing from the data is ever evaluated
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{where}, field 'tools': not valid JSON ({err.msg}, column {err.colno})"
-            ) from None
+        tools = _json_field(tools, where, "tools")
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise DataError(f"{where}, field 'tools': expected a list of tool (JSON schema) dicts")
     if tools:
@@ -505,12 +500,7 @@ def _with_template_kwargs(out: dict, example: dict, where: str) -> dict:
     if value is None or (isinstance(value, str) and not value.strip()):
         return out
     if isinstance(value, str):
-        try:
-            value = json.loads(value)  # JSON only: nothing from the data is ever evaluated
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{where}, field {TEMPLATE_KWARGS_COLUMN!r}: not valid JSON ({err.msg}, column {err.colno})"
-            ) from None
+        value = _json_field(value, where, TEMPLATE_KWARGS_COLUMN)
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise DataError(
             f"{where}, field {TEMPLATE_KWARGS_COLUMN!r}: expected a mapping of template variables, e.g. "
@@ -520,6 +510,14 @@ def _with_template_kwargs(out: dict, example: dict, where: str) -> dict:
     if value:
         out[TEMPLATE_KWARGS_COLUMN] = value
     return out
+
+
+def _json_field(text: str, where: str, field: str):
+    """A field stored as a JSON string, parsed; JSON only: nothing from the data is ever evaluated."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}, field {field!r}: not valid JSON ({err.msg}, column {err.colno})") from None
 
 
 def _drop_nulls(value):
