@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 
 from tunesmith.data import packing as packing_ops
 from tunesmith.data.formats import detect_format, normalize_example, with_system_prompt
+from tunesmith.data.settings import DataSettings
 from tunesmith.data.sources import describe_source, file_notes, load_source
 
 logger = logging.getLogger("tunesmith.data")
@@ -137,6 +138,7 @@ class PreparedDataset:
 def prepare_dataset(
     source,
     tokenizer,
+    settings: DataSettings | None = None,
     *,
     split=None,
     dataset_text_field=None,
@@ -176,6 +178,8 @@ def prepare_dataset(
     examples are not cut but spread over rows (unless `drop`). Examples with no trained
     token are removed. All of it is counted in `.stats` and logged on "tunesmith.data".
     """
+    if settings is not None:  # the typed form (data.settings); the keywords stay for Python callers
+        return prepare_dataset(source, tokenizer, formatting_func=formatting_func, **settings.as_kwargs())
     started = time.perf_counter()
     _check_settings(max_length, truncation_mode, packing, packing_strategy)
     _check_reasoning_settings(chat_template_kwargs, train_on_reasoning)
