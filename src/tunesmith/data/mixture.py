@@ -244,7 +244,7 @@ class PreparedMixture:
     eval_datasets: dict[str, Any]  # source name -> prepared eval rows (empty when no source has one)
 
 
-def prepare_mixture(sources, tokenizer, *, seed: int = 42, packing=False, packing_strategy="bfd", eval_packing=None,
+def prepare_mixture(sources, tokenizer, settings=None, *, seed: int = 42, packing=False, packing_strategy="bfd", eval_packing=None,
                     max_length=1024, truncation_mode="keep_start", **options) -> PreparedMixture:  # fmt: skip
     """Prepare each source with `prepare_dataset` (unpacked, one cache entry each), take its share,
     shuffle the mixture under `seed`, then pack it as `packing` / `packing_strategy` say.
@@ -254,6 +254,10 @@ def prepare_mixture(sources, tokenizer, *, seed: int = 42, packing=False, packin
     """
     import datasets
 
+    if settings is not None:  # the typed form (data.settings.DataSettings)
+        return prepare_mixture(
+            sources, tokenizer, eval_packing=eval_packing, **settings.as_kwargs(), **options
+        )
     sources = parse_sources(sources)
     options.pop("streaming", None)
     options.pop("shuffle_dataset", None)
