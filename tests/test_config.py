@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from tunesmith import config as config_module
+from tunesmith.common import reset_once
 from tunesmith.config import ConfigError, SFTConfig, UnslothTrainingArguments, config_fields, load_config
 
 TRL_SFT_FIELDS = {
@@ -32,7 +33,7 @@ TRL_SFT_FIELDS = {
 
 @pytest.fixture(autouse=True)
 def _fresh_notices():
-    config_module._shown_notices.clear()
+    reset_once("notice")
 
 
 def test_trl_fields_and_defaults(tmp_path):

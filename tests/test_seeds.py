@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.tiny import tiny_model, tiny_tokenizer
-from tunesmith import config as config_module
+from tunesmith.common import reset_once
 
 SEEDS = Path("/work/shared/seeds")
 TUTORIAL = SEEDS / "000_1f6f6ddacba6565f.txt"
@@ -84,7 +84,7 @@ def adapt(code: str, model_dir: Path, data_dir: Path) -> str:
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    config_module._shown_notices.clear()
+    reset_once("notice")
     model_dir = tmp_path / "tiny-model"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)

@@ -10,8 +10,8 @@ from transformers import TrainingArguments
 
 from tests.tiny import tiny_model, tiny_tokenizer
 from tunesmith import SFTConfig, SFTTrainer, UnslothTrainer
-from tunesmith import config as config_module
 from tunesmith.callbacks import NonFiniteLossError
+from tunesmith.common import reset_once
 
 PAIRS = [
     ("What is the capital of France?", "Paris."),
@@ -38,7 +38,7 @@ def config(tmp_path, **overrides) -> SFTConfig:
 
 @pytest.fixture(autouse=True)
 def _fresh_notices():
-    config_module._shown_notices.clear()
+    reset_once("notice")
 
 
 # Every documented dataset format, as a user would write it.

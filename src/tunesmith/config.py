@@ -34,6 +34,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from tunesmith.common import once
+
 __all__ = [
     "SFTConfig",
     "UnslothTrainingArguments",
@@ -50,25 +52,20 @@ SECTIONS = {"model": "model_", "lora": "lora_", "data": "", "training": "", "ker
 # Secrets are never written to a resolved config file.
 _SECRET_FIELDS = {"hub_token", "push_to_hub_token", "hub_private_repo_token", "trackio_token"}
 
-_shown_notices: set[str] = set()
 
 logger = logging.getLogger(__name__)
 
 
 def deprecation_notice(key: str, message: str) -> None:
     """Warn once per process per `key` (a FutureWarning, like TRL's own deprecations)."""
-    if key in _shown_notices:
-        return
-    _shown_notices.add(key)
-    warnings.warn(message, FutureWarning, stacklevel=3)
+    if once(("notice", key)):
+        warnings.warn(message, FutureWarning, stacklevel=3)
 
 
 def notice_once(key: str, message: str) -> None:
     """Log `message` once per process per `key` (a setting accepted and mapped, not deprecated)."""
-    if key in _shown_notices:
-        return
-    _shown_notices.add(key)
-    logger.warning(message)
+    if once(("notice", key)):
+        logger.warning(message)
 
 
 class ConfigError(ValueError):

@@ -40,13 +40,13 @@ from tunesmith.callbacks import (
     SampleGenerationCallback,
     SignalCheckpointCallback,
 )
+from tunesmith.common import IGNORE_INDEX
 from tunesmith.config import SFTConfig, deprecation_notice, notice_once
 
 __all__ = ["SFTTrainer", "UnslothTrainer", "final_hidden_states", "lm_head_parameters", "logits_loss_sum"]
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 # Old keyword arguments of SFTTrainer (TRL < 0.20, Unsloth notebooks) -> SFTConfig field.
 _OLD_TRAINER_KWARGS = {

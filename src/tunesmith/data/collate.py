@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from tunesmith.common import IGNORE_INDEX
 
 
 def shift_labels(labels: torch.Tensor, seq_lengths: Sequence[Sequence[int]]) -> torch.Tensor:

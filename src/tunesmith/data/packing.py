@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tunesmith.common import IGNORE_INDEX
+
 logger = logging.getLogger("tunesmith.data")
 
-IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep_start", "keep_end", "drop")
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tunesmith.common import file_sha256, sha256_hex
 from tunesmith.data import packing as packing_ops
 from tunesmith.data.formats import detect_format, normalize_example, with_system_prompt
 from tunesmith.data.settings import DataSettings
@@ -192,7 +192,7 @@ def prepare_dataset(
         "dataset_text_field": dataset_text_field,
         "dataset_format": dataset_format,
         "chat_template": chat_template,
-        "chat_template_path": _file_digest(chat_template_path) if chat_template_path else None,
+        "chat_template_path": file_sha256(chat_template_path) if chat_template_path else None,
         "eos_token": eos_token,
         "completion_only_loss": completion_only_loss,
         "assistant_only_loss": assistant_only_loss,
@@ -698,7 +698,7 @@ def _cache_key(source, tokenizer, settings: dict, formatting_func, dataset_kwarg
     if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
         source_key = _path_fingerprint(Path(source))
     elif isinstance(source, list):
-        source_key = "list:" + _digest(json.dumps(source, sort_keys=True, default=repr).encode())
+        source_key = "list:" + sha256_hex(json.dumps(source, sort_keys=True, default=repr).encode())
     elif isinstance(source, datasets.Dataset):
         source_key = "dataset:" + source._fingerprint
     elif isinstance(source, datasets.DatasetDict):
@@ -730,19 +730,7 @@ def _cache_key(source, tokenizer, settings: dict, formatting_func, dataset_kwarg
         "formatting_func": func_key,
         "code": _code_fingerprint(),
     }
-    return _digest(json.dumps(parts, sort_keys=True, default=repr).encode())[:24], loaded
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _file_digest(path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
+    return sha256_hex(json.dumps(parts, sort_keys=True, default=repr).encode())[:24], loaded
 
 
 def _path_fingerprint(path: Path) -> str:
@@ -750,8 +738,8 @@ def _path_fingerprint(path: Path) -> str:
     entries = []
     for file in files:
         stat = file.stat()
-        entries.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns, _file_digest(file)])
-    return "files:" + _digest(json.dumps(entries).encode())
+        entries.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns, file_sha256(file)])
+    return "files:" + sha256_hex(json.dumps(entries).encode())
 
 
 def _tokenizer_fingerprint(tokenizer) -> str | None:
@@ -765,14 +753,14 @@ def _tokenizer_fingerprint(tokenizer) -> str | None:
         vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     parts = [
         type(tokenizer).__name__,
-        _digest(vocab.encode()),
+        sha256_hex(vocab.encode()),
         getattr(tokenizer, "chat_template", None),
         getattr(tokenizer, "special_tokens_map", None),
         sorted(getattr(tokenizer, "all_special_ids", [])),
         getattr(tokenizer, "add_bos_token", None),
         getattr(tokenizer, "add_eos_token", None),
     ]
-    return _digest(json.dumps(parts, sort_keys=True, default=repr).encode())
+    return sha256_hex(json.dumps(parts, sort_keys=True, default=repr).encode())
 
 
 @functools.lru_cache(maxsize=1)
@@ -780,7 +768,7 @@ def _code_fingerprint() -> str:
     """The data modules' source: a change in how data is prepared invalidates old results."""
     folder = Path(__file__).parent
     names = ("sources.py", "formats.py", "templates.py", "tokenize.py", "packing.py", "pipeline.py")
-    return _digest(b"".join((folder / name).read_bytes() for name in names if (folder / name).exists()))
+    return sha256_hex(b"".join((folder / name).read_bytes() for name in names if (folder / name).exists()))
 
 
 def _load_cached(path: Path) -> PreparedDataset | None:

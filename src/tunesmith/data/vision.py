@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.common import IGNORE_INDEX
 from tunesmith.data.sources import DataError, describe_source
 
 logger = logging.getLogger("tunesmith.data")
 
-IGNORE_INDEX = -100
 IMAGE_COLUMNS = ("images", "image")
 # Tokens next to an image placeholder may tokenize differently once the processor expands it (Gemma 3
 # writes "\n\n" around the image, which merges with a neighbouring newline): this many tokens on each side
