@@ -2,12 +2,12 @@
 
 import dataclasses
 import hashlib
+import inspect
 
 from tunesmith import common
 from tunesmith.config import SFTConfig
 from tunesmith.data.pipeline import prepare_dataset
 from tunesmith.data.settings import DataSettings
-from tunesmith.trainer import pipeline_kwargs
 
 
 def test_one_ignore_index_everywhere():
@@ -41,8 +41,16 @@ def test_data_settings_from_config_are_the_config_fields_prepare_dataset_takes(t
         packing_strategy="wrapped", shuffle_dataset=True, seed=5, dataset_text_field="body",
         train_on_reasoning="all", chat_template_kwargs={"enable_thinking": False}, dataset_cache_dir=False,
     )  # fmt: skip
-    by_name = pipeline_kwargs(prepare_dataset, config, None, config.packing)
-    by_name.pop("formatting_func")
+    # what must arrive: every "data" field of SFTConfig that prepare_dataset takes, under the same name
+    # (dataset_cache_dir is prepare_dataset's cache_dir), and the seed
+    params = inspect.signature(prepare_dataset).parameters
+    by_name = {
+        ("cache_dir" if f.name == "dataset_cache_dir" else f.name): getattr(config, f.name)
+        for f in dataclasses.fields(SFTConfig)
+        if f.metadata.get("group") == "data" and (f.name == "dataset_cache_dir" or f.name in params)
+    }
+    by_name["seed"] = config.seed
+    assert len(by_name) == 19
     settings = DataSettings.from_config(config).as_kwargs()
     assert {k: settings[k] for k in by_name} == by_name
     # the per-source fields a config does not have stay at their defaults

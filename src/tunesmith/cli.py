@@ -253,23 +253,20 @@ def _evaluation_sections(trainer) -> list[str]:
 
 def _prepare(config, source, split, tokenizer):
     from tunesmith.data.pipeline import prepare_dataset
+    from tunesmith.data.settings import DataSettings
     from tunesmith.data.vision import is_processor, prepare_vision_dataset
-    from tunesmith.trainer import pipeline_kwargs
 
     if is_processor(tokenizer):  # a vision-language model: what the trainer would prepare
         return prepare_vision_dataset(_load_source(source, split), tokenizer, max_length=config.max_length)
-
-    kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
-    return prepare_dataset(_load_source(source, split), tokenizer, **kwargs)
+    return prepare_dataset(_load_source(source, split), tokenizer, DataSettings.from_config(config))
 
 
 def _prepare_mixture(config, tokenizer):
     from tunesmith.data.mixture import prepare_mixture
-    from tunesmith.data.pipeline import prepare_dataset
-    from tunesmith.trainer import pipeline_kwargs
+    from tunesmith.data.settings import DataSettings
 
-    kwargs = pipeline_kwargs(prepare_dataset, config, None, config.packing)
-    return prepare_mixture(config.datasets, tokenizer, eval_packing=config.eval_packing, **kwargs)
+    settings = DataSettings.from_config(config)
+    return prepare_mixture(config.datasets, tokenizer, settings, eval_packing=config.eval_packing)
 
 
 def _tokenizer_for(config):

@@ -21,7 +21,6 @@ loss's memory saving.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from tunesmith.callbacks import (
 )
 from tunesmith.common import IGNORE_INDEX
 from tunesmith.config import SFTConfig, deprecation_notice, notice_once
+from tunesmith.data.settings import DataSettings
 
 __all__ = ["SFTTrainer", "UnslothTrainer", "final_hidden_states", "lm_head_parameters", "logits_loss_sum"]
 
@@ -939,10 +939,11 @@ def _prepare(dataset, tokenizer, args: SFTConfig, formatting_func, packing: bool
         return prepared
 
     _refuse_images_without_processor(dataset, name)
-    kwargs = pipeline_kwargs(prepare_dataset, args, formatting_func, packing)
     # an IterableDataset is tokenized (and packed) lazily, as it streams
-    kwargs["streaming"] = isinstance(dataset, datasets.IterableDataset)
-    prepared = prepare_dataset(dataset, tokenizer, **kwargs)
+    settings = DataSettings.from_config(args, packing=packing).replace(
+        streaming=isinstance(dataset, datasets.IterableDataset)
+    )
+    prepared = prepare_dataset(dataset, tokenizer, settings, formatting_func=formatting_func)
     logger.debug("%s dataset: %s", name, prepared.stats)
     if stats is not None:
         stats[name] = prepared.stats
@@ -991,22 +992,6 @@ def _notice_vision_settings(args: SFTConfig) -> None:
         ignored.append("padding_free=True (the processor pads each batch)")
     if ignored:
         notice_once("vision_settings", "vision-language data: ignoring " + "; ".join(ignored))
-
-
-def pipeline_kwargs(prepare_dataset, args: SFTConfig, formatting_func, packing: bool) -> dict[str, Any]:
-    """SFTConfig fields that `prepare_dataset` takes, by name (the contract: same names, but
-    `dataset_cache_dir` -> `cache_dir`). Used by the trainer and by the CLI's preprocess/inspect."""
-    params = inspect.signature(prepare_dataset).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    values = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(SFTConfig)
-        if f.metadata.get("group") == "data"
-    }
-    values.pop("max_seq_length", None)
-    values["cache_dir"] = values.pop("dataset_cache_dir")
-    values.update(packing=packing, formatting_func=formatting_func, seed=args.seed)
-    return {k: v for k, v in values.items() if takes_all or k in params}
 
 
 def _default_collator(model, tokenizer, args: SFTConfig):
@@ -1137,16 +1122,15 @@ def _prepare_mixture(train_dataset, eval_dataset, tokenizer, args: SFTConfig, fo
     (`data.mixture`); their eval sets become a dict {source name: rows}, so metrics are eval_<name>_loss. A
     given eval_dataset joins them (a single one under the name "main")."""
     from tunesmith.data.mixture import prepare_mixture
-    from tunesmith.data.pipeline import prepare_dataset
 
     if args.datasets and train_dataset is not None:
         raise ValueError(
             "SFTTrainer: both `datasets` (in the config) and train_dataset are given; pass the sources one way"
         )
-    kwargs = pipeline_kwargs(prepare_dataset, args, formatting_func, args.packing)
     mixture = prepare_mixture(
-        args.datasets or train_dataset, tokenizer, eval_packing=args.eval_packing, **kwargs
-    )
+        args.datasets or train_dataset, tokenizer, DataSettings.from_config(args),
+        eval_packing=args.eval_packing, formatting_func=formatting_func,
+    )  # fmt: skip
     train = mixture.dataset.add_column("example_index", list(range(len(mixture.dataset))))
     evals = dict(mixture.eval_datasets)
     given = (
