@@ -109,9 +109,9 @@ def test_vision_loss_is_the_logits_loss(tmp_path):
 
 
 def test_settings_vision_data_cannot_follow_are_named(tmp_path, caplog):
-    from tunesmith.config import _shown_notices
+    from tunesmith.common import reset_once
 
-    _shown_notices.discard("vision_settings")
+    reset_once("notice")  # the notice is logged once per process: forget that it was
     processor, model = tiny_processor("llava"), tiny_vlm("llava")
     with caplog.at_level("WARNING"):
         SFTTrainer(
