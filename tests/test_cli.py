@@ -207,3 +207,23 @@ def test_train_without_data_runs_the_quick_start(monkeypatch, capsys):
     config = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
     assert main(["train", str(config), "max_steps=7"]) == 0
     assert calls[-1][1]["config"].max_steps == 7  # the file's settings, overrides applied
+
+
+def test_config_list_and_train_help_print_every_key(capsys):
+    from tunesmith.config import config_fields
+
+    code, out, _ = run_cli(capsys, "config", "--list")
+    assert code == 0
+    for section in ("model:", "lora:", "data:", "training:", "kernels:", "eval:"):
+        assert f"\n{section}\n" in out
+    assert "  r (lora_r): int = 16" in out and "LoRA rank." in out
+    assert all(f"({name})" in out or f"  {name}:" in out for name in config_fields())
+    code, only, _ = run_cli(capsys, "config", "--list", "--section", "eval")
+    assert code == 0 and "sample_max_new_tokens" in only and "lora_r" not in only
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: tunesmith train") and out in help_text
+    code, _, err = run_cli(capsys, "config")
+    assert code == 2 and "tunesmith config --list" in err

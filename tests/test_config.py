@@ -171,3 +171,35 @@ def test_dataset_format_help_lists_every_format_the_pipeline_knows():
 
     help_text = config_fields()["dataset_format"].metadata["help"]
     assert [f for f in FORMATS if f not in help_text] == []
+
+
+def test_listing_shows_every_field_under_its_section_with_its_help():
+    from tunesmith.config.listing import config_keys, format_keys
+
+    keys = config_keys()
+    assert list(keys) == list(config_module.SECTIONS)
+    listed = {k.field: k for section in keys.values() for k in section}
+    assert set(listed) == set(config_fields())
+    text = format_keys()
+    for name, f in config_fields().items():
+        key = listed[name]
+        assert key.section == f.metadata.get("group", "training")
+        assert key.help == " ".join(f.metadata["help"].split()) and key.help
+        # the key as listed is the one the section accepts
+        assert config_module._section_key(key.section, key.key) == name
+        assert f"  {key.key}" in text
+    # each section's text holds its own keys (and its help, wrapped)
+    lora = format_keys("lora")
+    assert "lora:" in lora and "r (lora_r): int = 16" in lora and "LoRA rank." in lora
+    assert "learning_rate" not in lora
+    training = format_keys("training")
+    assert "learning_rate: float = 2e-05" in training and "Peak learning rate of AdamW" in training
+    assert "per_device_train_batch_size: int = 8" in training  # a TrainingArguments field, its own help
+    assert "The batch size per device for training." in training
+
+
+def test_unknown_key_without_a_close_match_points_at_the_listing(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"unknown key `zzzzqqq`\. `tunesmith config --list` lists the valid keys"
+    ):
+        load_config({"zzzzqqq": 1})

@@ -8,6 +8,7 @@
     tunesmith merge ADAPTER --output DIR            LoRA merged into 16-bit safetensors
     tunesmith export MODEL --gguf FILE [--type] [--ollama DIR]   GGUF (+ Ollama Modelfile)
     tunesmith doctor [--json]                       device, versions, and a check of every Triton kernel
+    tunesmith config --list [--section NAME]        every config key: section, type, default, help
 
 The YAML file is SFTConfig's serialised form (see `tunesmith.config`) plus one section the CLI
 reads itself, naming the data:
@@ -35,6 +36,8 @@ from pathlib import Path
 EXIT_CONFIG_ERROR = 2
 DATA_KEYS = ("train", "eval", "split", "eval_split")
 QUICKSTART_DATA = "quickstart"
+# config.SECTIONS' names, here so that the parser does not import the config (and transformers)
+CONFIG_SECTIONS = ("model", "lora", "data", "training", "kernels", "eval")
 
 
 class UsageError(ValueError):
@@ -501,6 +504,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    if not args.list:
+        raise UsageError("say what to show: `tunesmith config --list` prints every config key")
+    from tunesmith.config.listing import format_keys
+
+    print(format_keys(args.section))
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from tunesmith.doctor import main as doctor
 
@@ -638,7 +650,13 @@ def build_parser() -> argparse.ArgumentParser:
         "help": "override config keys (dotted: lora.r=8)",
     }
 
-    p = sub.add_parser("train", help="train from a YAML config (none: the built-in quick start)")
+    p = sub.add_parser(
+        "train",
+        help="train from a YAML config (none: the built-in quick start)",
+        add_help=False,
+        epilog="Every config key follows (also: tunesmith config --list).",
+    )
+    p.add_argument("-h", "--help", action=_HelpWithConfigKeys, help="show this help and every config key")
     p.add_argument("config", nargs="?", help="YAML config file; omit for the quick start")
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_train)
@@ -714,7 +732,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-check", action="store_true", help="do not run the kernel checks")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("config", help="list every config key with its section, type, default and help")
+    p.add_argument("--list", action="store_true", help="print every key, grouped by YAML section")
+    p.add_argument("--section", choices=CONFIG_SECTIONS, help="only this section's keys")
+    p.set_defaults(func=cmd_config)
     return parser
+
+
+class _HelpWithConfigKeys(argparse.Action):
+    """`train --help`: the usual help, then every config key (imports the config only when asked)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from tunesmith.config.listing import format_keys
+
+        parser.print_help()
+        print()
+        print(format_keys())
+        parser.exit()
 
 
 def main(argv=None) -> int:
