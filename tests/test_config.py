@@ -203,3 +203,5 @@ def test_unknown_key_without_a_close_match_points_at_the_listing(tmp_path):
         ConfigError, match=r"unknown key `zzzzqqq`\. `tunesmith config --list` lists the valid keys"
     ):
         load_config({"zzzzqqq": 1})
+    with pytest.raises(ConfigError, match=r"`tunesmith config --list --section lora` lists the valid keys"):
+        load_config({"lora": {"zzzzqqq": 1}})

@@ -115,7 +115,9 @@ def _all_spellings() -> list[str]:
 
 def _unknown(key: str, where: str) -> str:
     close = difflib.get_close_matches(key, _all_spellings(), n=1, cutoff=0.6)
-    hint = f" Did you mean `{close[0]}`?" if close else " `tunesmith config --list` lists the valid keys."
+    section = key.partition(".")[0] if "." in key else None
+    listing = "tunesmith config --list" + (f" --section {section}" if section in SECTIONS else "")
+    hint = f" Did you mean `{close[0]}`?" if close else f" `{listing}` lists the valid keys."
     return f"{where}: unknown key `{key}`.{hint}"
 
 
