@@ -10,8 +10,8 @@
     tunesmith doctor [--json]                       device, versions, and a check of every Triton kernel
     tunesmith config --list [--section NAME]        every config key: section, type, default, help
 
-The YAML file is SFTConfig's serialised form (see `tunesmith.config`) plus one section the CLI
-reads itself, naming the data:
+The YAML file is SFTConfig's serialised form (see `tunesmith.config`; `tunesmith config --list` lists
+its keys) plus one section the CLI reads itself, naming the data:
 
     dataset:
       train: data/train.jsonl   # a file, a folder, or a Hub dataset name; "quickstart" = the built-in task
