@@ -28,6 +28,7 @@ import json
 import logging
 from pathlib import Path
 
+from tunesmith.common import once
 from tunesmith.data.sources import DataError
 
 logger = logging.getLogger(__name__)
@@ -383,8 +384,7 @@ def assistant_parts(
         ids, marked = _marked_turns(
             tokenizer, messages, tools, template, add_generation_prompt, template_kwargs
         )
-        if any(reasoning_and_answer(m)[0] for m in messages) and "generation-markers" not in _WARNED:
-            _WARNED.add("generation-markers")
+        if any(reasoning_and_answer(m)[0] for m in messages) and once(("templates", "generation-markers")):
             logger.warning(
                 "the chat template's {%% generation %%} markers are used to find the assistant turns; their "
                 "reasoning cannot be told apart from the answer there, so train_on_reasoning is not applied"
@@ -595,8 +595,7 @@ def _warn_if_no_stop_token(tokenizer, text: str, spans) -> None:
     for _, end, _ in spans:
         if not any(text.endswith(stop, 0, end) for stop in stops):
             ending = text[max(0, end - 20) : end]
-            if ending not in _WARNED:  # once per ending, not once per example
-                _WARNED.add(ending)
+            if once(("templates", ending)):  # once per ending, not once per example
                 logger.warning(
                     "the chat template ends an assistant turn with %r, not a special token: the model may not "
                     "learn to stop. A template that closes turns with a special token (add it with "
@@ -606,17 +605,11 @@ def _warn_if_no_stop_token(tokenizer, text: str, spans) -> None:
             return
 
 
-_WARNED: set[str] = set()  # what was warned about already (turn endings, "tools", "tool_calls")
-
-
 def _warn_if_tools_dropped(messages, tools, text: str, spans) -> None:
     # Many templates (SmolLM2's among them) ignore `tools` and `tool_calls`: the model would be
     # trained to answer a tool-calling turn with nothing. Say so, once per process.
-    if "tools" in _WARNED and "tool_calls" in _WARNED:
-        return
     names = [t.get("function", t).get("name") for t in tools or [] if isinstance(t, dict)]
-    if names and not any(name and name in text for name in names) and "tools" not in _WARNED:
-        _WARNED.add("tools")
+    if names and not any(name and name in text for name in names) and once(("templates", "tools")):
         logger.warning(
             "the chat template does not show the `tools` column (no tool name appears in the rendered text); "
             "use a template that renders tools, e.g. chat_template: chatml"
@@ -624,8 +617,7 @@ def _warn_if_tools_dropped(messages, tools, text: str, spans) -> None:
     for start, end, i in spans:
         for call in messages[i].get("tool_calls") or []:
             name = call["function"]["name"]
-            if name not in text[start:end] and "tool_calls" not in _WARNED:
-                _WARNED.add("tool_calls")
+            if name not in text[start:end] and once(("templates", "tool_calls")):
                 logger.warning(
                     "the chat template does not render assistant tool_calls (%r is not in the trained turn), "
                     "so the model would learn to answer those turns with nothing; use a template that renders "
@@ -639,8 +631,10 @@ def missing_template_tokens(tokenizer, chat_template: str) -> list[str]:
 
     A base model given `chat_template: chatml` usually has no `<|im_start|>` / `<|im_end|>`
     tokens: the text is then split into pieces like `<`, `|`, `im`, ... and the model never
-    sees one token that ends a turn. The trainer adds these as special tokens (and resizes the
-    embeddings) before training.
+    sees one token that ends a turn. Neither the trainer nor the pipeline calls this or adds
+    tokens: it is for the caller, who adds the markers it names
+    (`tokenizer.add_special_tokens({"additional_special_tokens": missing})`) and resizes the
+    model's embeddings (`model.resize_token_embeddings(len(tokenizer))`) before training.
 
         >>> missing_template_tokens(word_tokenizer(), "chatml")
         []
