@@ -183,11 +183,19 @@ def test_docstring_examples_of_the_data_modules_hold():
     # The worked examples in the docstrings are run, so they cannot drift from the code.
     import doctest
 
-    from tunesmith.data import formats, sources, templates, tokenize
+    from tunesmith.data import (
+        formats,
+        sources,
+        stats,
+        template_library,
+        template_reasoning,
+        templates,
+        tokenize,
+    )
 
     from . import word_tokenizer
 
-    for module in (formats, sources, templates, tokenize):
+    for module in (formats, sources, stats, template_library, template_reasoning, templates, tokenize):
         result = doctest.testmod(module, extraglobs={"word_tokenizer": word_tokenizer}, verbose=False)
         assert result.failed == 0, f"{module.__name__}: {result.failed} docstring example(s) failed"
         assert result.attempted > 0
