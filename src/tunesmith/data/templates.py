@@ -31,9 +31,12 @@ from pathlib import Path
 
 from tunesmith.common import once
 from tunesmith.data.sources import DataError
-from tunesmith.data.template_library import BUILTIN_SPECIAL_TOKENS as BUILTIN_SPECIAL_TOKENS  # re-exported
-from tunesmith.data.template_library import BUILTIN_TEMPLATES, NO_TEMPLATE_FIX
-from tunesmith.data.template_library import missing_template_tokens as missing_template_tokens  # re-exported
+from tunesmith.data.template_library import (  # noqa: F401
+    BUILTIN_SPECIAL_TOKENS,
+    BUILTIN_TEMPLATES,
+    NO_TEMPLATE_FIX,
+    missing_template_tokens,
+)
 from tunesmith.data.template_reasoning import (  # re-exported
     _reasoning_block,
     _reasoning_glue,
