@@ -14,14 +14,15 @@ import logging
 import pyarrow as pa
 
 from tunesmith.common import once
-from tunesmith.data.formats import detect_format, normalize_example, with_system_prompt
+from tunesmith.data.formats import (
+    CONVERSATIONAL_FORMATS,
+    detect_format,
+    normalize_example,
+    with_system_prompt,
+)
 from tunesmith.data.settings import DataSettings
 
 logger = logging.getLogger("tunesmith.data")
-
-
-# Source formats whose examples are conversations (what assistant_only_loss needs)
-CONVERSATIONAL_FORMATS = ("messages", "sharegpt", "conversational_prompt_completion")
 
 
 def check_formatting_func_options(completion_only_loss) -> None:
