@@ -184,6 +184,7 @@ def test_docstring_examples_of_the_data_modules_hold():
     import doctest
 
     from tunesmith.data import (
+        file_checks,
         formats,
         sources,
         stats,
@@ -195,7 +196,16 @@ def test_docstring_examples_of_the_data_modules_hold():
 
     from . import word_tokenizer
 
-    for module in (formats, sources, stats, template_library, template_reasoning, templates, tokenize):
+    for module in (
+        file_checks,
+        formats,
+        sources,
+        stats,
+        template_library,
+        template_reasoning,
+        templates,
+        tokenize,
+    ):
         result = doctest.testmod(module, extraglobs={"word_tokenizer": word_tokenizer}, verbose=False)
         assert result.failed == 0, f"{module.__name__}: {result.failed} docstring example(s) failed"
         assert result.attempted > 0
