@@ -2,7 +2,6 @@
 
 import dataclasses
 import hashlib
-import inspect
 
 from tunesmith import common
 from tunesmith.config import SFTConfig
@@ -42,8 +41,9 @@ def test_data_settings_from_config_are_the_config_fields_prepare_dataset_takes(t
         train_on_reasoning="all", chat_template_kwargs={"enable_thinking": False}, dataset_cache_dir=False,
     )  # fmt: skip
     # what must arrive: every "data" field of SFTConfig that prepare_dataset takes, under the same name
-    # (dataset_cache_dir is prepare_dataset's cache_dir), and the seed
-    params = inspect.signature(prepare_dataset).parameters
+    # (dataset_cache_dir is prepare_dataset's cache_dir), and the seed; prepare_dataset takes the fields
+    # of DataSettings, as one object or as keywords
+    params = {f.name for f in dataclasses.fields(DataSettings)}
     by_name = {
         ("cache_dir" if f.name == "dataset_cache_dir" else f.name): getattr(config, f.name)
         for f in dataclasses.fields(SFTConfig)

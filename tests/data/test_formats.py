@@ -182,12 +182,13 @@ def test_formatting_func_returning_several_strings_per_example_is_an_error():
 def test_docstring_examples_of_the_data_modules_hold():
     # The worked examples in the docstrings are run, so they cannot drift from the code.
     import doctest
-
-    from tunesmith.data import formats, sources, templates, tokenize
+    import importlib
 
     from . import word_tokenizer
 
-    for module in (formats, sources, templates, tokenize):
+    names = ("file_checks", "formats", "sources", "stats", "template_library", "template_reasoning", "templates",
+             "tokenize")  # fmt: skip
+    for module in [importlib.import_module(f"tunesmith.data.{name}") for name in names]:
         result = doctest.testmod(module, extraglobs={"word_tokenizer": word_tokenizer}, verbose=False)
         assert result.failed == 0, f"{module.__name__}: {result.failed} docstring example(s) failed"
         assert result.attempted > 0

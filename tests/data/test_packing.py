@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunesmith.data import packing
+from tunesmith.data import packing, truncation
 from tunesmith.data.packing import bfd_bins, pack, packing_efficiency, split_long, truncate
 
 
 def test_docstring_examples_hold():
     # the worked examples in the docstrings are part of the contract
-    result = doctest.testmod(packing)
-    assert result.attempted >= 10 and result.failed == 0
+    results = [doctest.testmod(module) for module in (packing, truncation)]
+    assert sum(r.attempted for r in results) >= 10 and sum(r.failed for r in results) == 0
 
 
 def _examples(lengths, prompt=1):

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from tunesmith.data import pipeline
+from tunesmith.data import pipeline, streaming
 from tunesmith.data.pipeline import prepare_dataset
 
 
@@ -169,7 +169,7 @@ def test_file_source_cache_follows_the_content(tmp_path, monkeypatch):
 @pytest.mark.parametrize("buffer", [2, 1000])
 def test_streaming_wrapped_gives_the_same_rows(monkeypatch, buffer):
     # a small buffer makes the partial last row carry over between windows
-    monkeypatch.setattr(pipeline, "STREAM_PACKING_BUFFER", buffer)
+    monkeypatch.setattr(streaming, "STREAM_PACKING_BUFFER", buffer)
     rows = _rows([5, 3, 9, 2, 7, 1, 4])
     kwargs = {"max_length": 4, "packing": True, "packing_strategy": "wrapped", "cache_dir": False}
     eager = prepare_dataset(rows, None, **kwargs)
@@ -181,7 +181,7 @@ def test_streaming_wrapped_gives_the_same_rows(monkeypatch, buffer):
 
 
 def test_streaming_bfd_keeps_every_token_and_counts_truncation(monkeypatch):
-    monkeypatch.setattr(pipeline, "STREAM_PACKING_BUFFER", 3)
+    monkeypatch.setattr(streaming, "STREAM_PACKING_BUFFER", 3)
     rows = _rows([5, 3, 9, 2, 7, 1, 4])
     streamed = prepare_dataset(rows, None, max_length=6, packing=True, streaming=True, cache_dir=False)
     out = list(streamed.dataset)

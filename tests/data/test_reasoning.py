@@ -14,6 +14,7 @@ import logging
 
 import pytest
 
+from tunesmith.common import reset_once
 from tunesmith.data.formats import normalize_example
 from tunesmith.data.sources import DataError
 from tunesmith.data.templates import assistant_parts
@@ -289,9 +290,7 @@ def test_inline_think_block_in_content_is_reasoning():
 
 
 def test_template_that_ignores_reasoning_is_logged(caplog):
-    from tunesmith.data import tokenize as tokenize_module
-
-    tokenize_module._WARNED_REASONING.clear()
+    reset_once("tokenize")
     tok = tokenizer()
     with caplog.at_level(logging.WARNING, logger="tunesmith.data.tokenize"):
         runs = trained_runs(tok, messages_example(TWO_TURNS), chat_template="chatml")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tunesmith.common import reset_once
 from tunesmith.data.sources import DataError
 from tunesmith.data.templates import (
     BUILTIN_TEMPLATES,
@@ -150,9 +151,8 @@ def test_slow_tokenizer_path_gives_the_same_ids_and_mask():
 
 def test_warns_when_a_turn_ends_without_a_special_token(caplog):
     plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
-    from tunesmith.data import templates
 
-    templates._WARNED.clear()  # the warning is given once per process
+    reset_once("templates")  # the warning is given once per process
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     with caplog.at_level("WARNING", logger="tunesmith.data.templates"):
         render_messages(word_tokenizer(), messages, chat_template=plain)
@@ -215,7 +215,7 @@ def test_base_tokenizer_with_chatml_warns_once_and_reports_missing_tokens(caplog
     tok = word_tokenizer(chat_specials=False)
     assert templates.missing_template_tokens(tok, "chatml") == ["<|im_start|>", "<|im_end|>"]
     assert templates.missing_template_tokens(word_tokenizer(), "chatml") == []
-    templates._WARNED.clear()
+    reset_once("templates")
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     with caplog.at_level("WARNING", logger="tunesmith.data.templates"):
         for _ in range(3):
@@ -226,7 +226,6 @@ def test_base_tokenizer_with_chatml_warns_once_and_reports_missing_tokens(caplog
 def test_template_that_drops_tool_calls_is_named(smollm2_tokenizer, caplog):
     # SmolLM2's own template writes only `content`: a turn that is all tool_calls would train
     # to an empty answer. The built-in chatml renders the call and gives no warning.
-    from tunesmith.data import templates
 
     call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
     messages = [
@@ -235,7 +234,7 @@ def test_template_that_drops_tool_calls_is_named(smollm2_tokenizer, caplog):
         {"role": "tool", "content": "sunny"},
         {"role": "assistant", "content": "Sunny."},
     ]
-    templates._WARNED.clear()
+    reset_once("templates")
     with caplog.at_level("WARNING", logger="tunesmith.data.templates"):
         render_messages(smollm2_tokenizer, messages, chat_template="chatml")
     assert "tool_calls" not in caplog.text

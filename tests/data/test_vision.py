@@ -247,10 +247,10 @@ def test_too_long_examples_are_dropped_and_counted():
 def test_docstring_examples():
     import doctest
 
-    from tunesmith.data import vision
+    from tunesmith.data import vision, vision_examples
 
-    result = doctest.testmod(vision, verbose=False)
-    assert result.attempted >= 3 and result.failed == 0
+    results = [doctest.testmod(module, verbose=False) for module in (vision, vision_examples)]
+    assert sum(r.attempted for r in results) >= 3 and sum(r.failed for r in results) == 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

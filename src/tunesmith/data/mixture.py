@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 
 from tunesmith.data import packing as packing_ops
 from tunesmith.data.pipeline import DataStats, prepare_dataset
+from tunesmith.data.settings import DataSettings
 from tunesmith.data.sources import DataError, describe_source
 
 logger = logging.getLogger("tunesmith.data")
@@ -244,29 +245,31 @@ class PreparedMixture:
     eval_datasets: dict[str, Any]  # source name -> prepared eval rows (empty when no source has one)
 
 
-def prepare_mixture(sources, tokenizer, settings=None, *, seed: int = 42, packing=False, packing_strategy="bfd", eval_packing=None,
-                    max_length=1024, truncation_mode="keep_start", **options) -> PreparedMixture:  # fmt: skip
+def prepare_mixture(sources, tokenizer, settings: DataSettings | None = None, *, eval_packing=None,
+                    formatting_func=None, **keywords) -> PreparedMixture:  # fmt: skip
     """Prepare each source with `prepare_dataset` (unpacked, one cache entry each), take its share,
-    shuffle the mixture under `seed`, then pack it as `packing` / `packing_strategy` say.
+    shuffle the mixture under `settings.seed`, then pack it as `packing` / `packing_strategy` say.
 
-    `options` are `prepare_dataset`'s other keyword arguments (the config's data fields), the same
-    for every source; a source's `format`, `split`, `columns` and `system_prompt` are its own.
+    `settings` (a `DataSettings`, or without one `keywords` naming its fields) are the same for every
+    source; a source's `format`, `split`, `columns`, `system_prompt` and `chat_template_kwargs` are its
+    own. Streaming and `shuffle_dataset` do not apply (the mixture is always shuffled).
     """
     import datasets
 
-    if settings is not None:  # the typed form (data.settings.DataSettings)
-        return prepare_mixture(
-            sources, tokenizer, eval_packing=eval_packing, **settings.as_kwargs(), **options
-        )
+    if settings is None:  # the keyword form, for Python callers
+        settings = DataSettings(**keywords)
+    seed, max_length = settings.seed, settings.max_length
+    packing, packing_strategy = settings.packing, settings.packing_strategy
+    eval_packing = packing if eval_packing is None else eval_packing
     sources = parse_sources(sources)
-    options.pop("streaming", None)
-    options.pop("shuffle_dataset", None)
-    spreads = packing and packing_strategy in ("bfd_split", "wrapped") and truncation_mode != "drop"
+    shared = settings.replace(streaming=False, shuffle_dataset=False)
+    spreads = packing and packing_strategy in ("bfd_split", "wrapped") and settings.truncation_mode != "drop"
     per_source = []
     for source in sources:
+        source_settings = _source_settings(source, shared, source.split)
         prepared = prepare_dataset(
-            source.path, tokenizer, **_source_options(source, options, source.split),
-            packing=False, max_length=None if spreads else max_length, truncation_mode=truncation_mode,
+            source.path, tokenizer, source_settings.replace(packing=False, max_length=None if spreads else max_length),
+            formatting_func=formatting_func,
         )  # fmt: skip
         if not isinstance(prepared.dataset, datasets.Dataset):
             raise DataError(
@@ -291,7 +294,7 @@ def prepare_mixture(sources, tokenizer, settings=None, *, seed: int = 42, packin
                 np.sort(order[: source.eval_examples]),
                 np.sort(order[source.eval_examples :]),
             )
-            evals[source.name] = _rows(table.take(eval_rows), max_length, packing if eval_packing is None else eval_packing, packing_strategy)  # fmt: skip
+            evals[source.name] = _rows(table.take(eval_rows), max_length, eval_packing, packing_strategy)
             table, held = table.take(train_rows), len(eval_rows)
         chosen = _take(len(table), count, rng)
         if count > len(table):
@@ -323,11 +326,11 @@ def prepare_mixture(sources, tokenizer, settings=None, *, seed: int = 42, packin
         )
         if source.eval is not None or source.eval_split is not None:
             evals[source.name] = prepare_dataset(
-                source.eval if source.eval is not None else source.path, tokenizer,
-                **_source_options(source, options, source.eval_split), max_length=max_length,
-                truncation_mode=truncation_mode, packing=packing if eval_packing is None else eval_packing,
-                packing_strategy=packing_strategy,
-            ).dataset  # fmt: skip
+                source.eval if source.eval is not None else source.path,
+                tokenizer,
+                _source_settings(source, shared, source.eval_split).replace(packing=eval_packing),
+                formatting_func=formatting_func,
+            ).dataset
 
     mixed = pa.concat_tables(tables)
     if len(mixed) == 0:
@@ -342,17 +345,18 @@ def prepare_mixture(sources, tokenizer, settings=None, *, seed: int = 42, packin
     return PreparedMixture(dataset, stats, evals)
 
 
-def _source_options(source: DatasetSource, options: dict, split) -> dict:
-    out = dict(options)
-    out.update(split=split, column_mapping=source.columns, system_prompt=source.system_prompt)
+def _source_settings(source: DatasetSource, settings: DataSettings, split) -> DataSettings:
+    """The shared settings with what a source sets for itself (split, columns, system prompt, format,
+    template arguments on top of the shared ones)."""
+    changes = {"split": split, "column_mapping": source.columns, "system_prompt": source.system_prompt}
     if source.chat_template_kwargs:
-        out["chat_template_kwargs"] = {
-            **(options.get("chat_template_kwargs") or {}),
+        changes["chat_template_kwargs"] = {
+            **(settings.chat_template_kwargs or {}),
             **source.chat_template_kwargs,
         }
     if source.format is not None:
-        out["dataset_format"] = source.format
-    return out
+        changes["dataset_format"] = source.format
+    return settings.replace(**changes)
 
 
 def _counts(sources: list[DatasetSource], sizes: list[int]) -> list[int]:

@@ -77,6 +77,16 @@ class DataSettings:
     def replace(self, **changes) -> DataSettings:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def skip_prepare(self) -> bool:
+        """`dataset_kwargs={"skip_prepare_dataset": True}`: the data is used as loaded (as TRL does)."""
+        return bool((self.dataset_kwargs or {}).get("skip_prepare_dataset"))
+
+    @property
+    def load_kwargs(self) -> dict[str, Any]:
+        """`dataset_kwargs` less `skip_prepare_dataset`: what `sources.load_source` takes."""
+        return {k: v for k, v in (self.dataset_kwargs or {}).items() if k != "skip_prepare_dataset"}
+
     def as_kwargs(self) -> dict[str, Any]:
         """The settings as `prepare_dataset`'s keyword arguments."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

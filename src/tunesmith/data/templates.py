@@ -1,5 +1,6 @@
 """Chat templates: the tokenizer's own, a file, or a built-in one for base models that have
-none; and the assistant-span finder behind assistant-only loss.
+none (template_library.py); and the assistant-span finder behind assistant-only loss, with the
+reasoning block of each turn (template_reasoning.py).
 
 Most chat templates in the wild have no `{% generation %}` markers, so the spans of the
 assistant turns are found by rendering prefixes of the conversation:
@@ -28,162 +29,22 @@ import json
 import logging
 from pathlib import Path
 
+from tunesmith.common import once
 from tunesmith.data.sources import DataError
+from tunesmith.data.template_library import (  # noqa: F401
+    BUILTIN_SPECIAL_TOKENS,
+    BUILTIN_TEMPLATES,
+    NO_TEMPLATE_FIX,
+    missing_template_tokens,
+)
+from tunesmith.data.template_reasoning import (  # re-exported
+    _reasoning_block,
+    _reasoning_glue,
+    check_template_kwargs,
+    reasoning_and_answer,
+)
 
 logger = logging.getLogger(__name__)
-
-# Built-in templates. Literal text is written inside {{ '...' }} so that transformers' jinja
-# settings (trim_blocks strips the newline after a block tag) cannot eat a newline. Each keeps
-# earlier turns unchanged when later ones are added, which the span finder relies on. A
-# system message is rendered once at the start (merged into the first user turn where the
-# format has no system role); tools are listed as JSON schemas with the system prompt.
-_CHATML = (
-    "{%- set ns = namespace(system='') -%}"
-    "{%- if messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] -%}{%- endif -%}"
-    "{%- if tools -%}"
-    "{%- set ns.system = (ns.system + '\\n\\n' if ns.system else '') + '# Tools\\n\\nYou may call these functions"
-    " (JSON schemas):\\n<tools>\\n' -%}"
-    "{%- for tool in tools -%}{%- set ns.system = ns.system + (tool | tojson) + '\\n' -%}{%- endfor -%}"
-    "{%- set ns.system = ns.system + '</tools>\\n\\nTo call one, answer with <tool_call>"
-    '{"name": ..., "arguments": {...}}</tool_call>.\' -%}'
-    "{%- endif -%}"
-    "{%- if ns.system -%}{{ '<|im_start|>system\\n' + ns.system + '<|im_end|>\\n' }}{%- endif -%}"
-    "{%- for message in messages if message['role'] != 'system' -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
-    "{%- for call in message['tool_calls'] or [] -%}"
-    "{{ ('\\n' if message['content'] or not loop.first else '') + '<tool_call>\\n' }}"
-    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
-    "{{ '\\n</tool_call>' }}"
-    "{%- endfor -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
-
-_LLAMA3 = (
-    "{{ bos_token }}"
-    "{%- set ns = namespace(system='') -%}"
-    "{%- if messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] -%}{%- endif -%}"
-    "{%- if tools -%}"
-    "{%- set ns.system = (ns.system + '\\n\\n' if ns.system else '') + 'You can call these functions"
-    ' (JSON schemas); to call one, answer with {"name": ..., "parameters": {...}}:\\n\' -%}'
-    "{%- for tool in tools -%}{%- set ns.system = ns.system + (tool | tojson) + '\\n' -%}{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- if ns.system -%}"
-    "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' + ns.system + '<|eot_id|>' }}"
-    "{%- endif -%}"
-    "{%- for message in messages if message['role'] != 'system' -%}"
-    "{{ '<|start_header_id|>' + ('ipython' if message['role'] == 'tool' else message['role'])"
-    " + '<|end_header_id|>\\n\\n' + message['content'] }}"
-    "{%- for call in message['tool_calls'] or [] -%}"
-    "{{ {'name': call['function']['name'], 'parameters': call['function']['arguments']} | tojson }}"
-    "{%- endfor -%}"
-    "{{ '<|eot_id|>' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
-)
-
-_MISTRAL = (
-    "{{ bos_token }}"
-    "{%- set ns = namespace(system='', first=true) -%}"
-    "{%- if messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] + '\\n\\n' -%}{%- endif -%}"
-    "{%- for message in messages if message['role'] != 'system' -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{%- if ns.first and tools -%}{{ '[AVAILABLE_TOOLS] ' + (tools | tojson) + ' [/AVAILABLE_TOOLS]' }}{%- endif -%}"
-    "{{ '[INST] ' + (ns.system if ns.first else '') + message['content'] + ' [/INST]' }}"
-    "{%- set ns.first = false -%}"
-    "{%- elif message['role'] == 'tool' -%}"
-    "{{ '[TOOL_RESULTS] ' + message['content'] + ' [/TOOL_RESULTS]' }}"
-    "{%- else -%}"
-    "{{ message['content'] }}"
-    "{%- if message['tool_calls'] -%}"
-    "{{ '[TOOL_CALLS] ' }}{{ message['tool_calls'] | map(attribute='function') | list | tojson }}"
-    "{%- endif -%}"
-    "{{ eos_token or '' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-
-_GEMMA = (
-    "{{ bos_token }}"
-    "{%- set ns = namespace(system='', first=true) -%}"
-    "{%- if messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] + '\\n\\n' -%}{%- endif -%}"
-    "{%- if tools -%}"
-    "{%- set ns.system = ns.system + 'You can call these functions (JSON schemas):\\n' -%}"
-    "{%- for tool in tools -%}{%- set ns.system = ns.system + (tool | tojson) + '\\n' -%}{%- endfor -%}"
-    "{%- set ns.system = ns.system + '\\n' -%}"
-    "{%- endif -%}"
-    "{%- for message in messages if message['role'] != 'system' -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<start_of_turn>' + role + '\\n' }}"
-    "{%- if ns.first and message['role'] == 'user' -%}{{ ns.system }}{%- set ns.first = false -%}{%- endif -%}"
-    "{{ message['content'] }}"
-    "{%- for call in message['tool_calls'] or [] -%}"
-    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
-    "{%- endfor -%}"
-    "{{ '<end_of_turn>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
-)
-
-_PHI3 = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' and tools -%}"
-    "{{ '<|system|>\\n' + message['content'] + '\\n\\nYou can call these functions (JSON schemas):\\n'"
-    " + (tools | tojson) + '<|end|>\\n' }}"
-    "{%- else -%}"
-    "{%- if loop.first and tools and message['role'] != 'system' -%}"
-    "{{ '<|system|>\\nYou can call these functions (JSON schemas):\\n' + (tools | tojson) + '<|end|>\\n' }}"
-    "{%- endif -%}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
-    "{%- for call in message['tool_calls'] or [] -%}"
-    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
-    "{%- endfor -%}"
-    "{{ '<|end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
-)
-
-_ALPACA = (
-    "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}"
-    "{%- else -%}{{ 'Below is an instruction that describes a task. Write a response that appropriately"
-    " completes the request.\\n\\n' }}{%- endif -%}"
-    "{%- for message in messages if message['role'] != 'system' -%}"
-    "{%- if message['role'] == 'user' -%}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-    "{%- elif message['role'] == 'tool' -%}{{ '### Input:\\n' + message['content'] + '\\n\\n' }}"
-    "{%- else -%}{{ '### Response:\\n' + message['content'] }}"
-    "{%- for call in message['tool_calls'] or [] -%}{{ call['function'] | tojson }}{%- endfor -%}"
-    "{{ (eos_token or '') + '\\n\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '### Response:\\n' }}{%- endif -%}"
-)
-
-BUILTIN_TEMPLATES: dict[str, str] = {
-    "chatml": _CHATML,
-    "llama-3": _LLAMA3,
-    "mistral-instruct": _MISTRAL,
-    "gemma": _GEMMA,
-    "phi-3": _PHI3,
-    "alpaca": _ALPACA,
-}
-
-# The tokens each built-in template needs as single tokens (turn markers and end-of-turn).
-BUILTIN_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
-    "chatml": ("<|im_start|>", "<|im_end|>"),
-    "llama-3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    "mistral-instruct": (),  # [INST] ... [/INST] is plain text in Mistral's own v0.1 vocabulary; </s> ends turns
-    "gemma": ("<start_of_turn>", "<end_of_turn>"),
-    "phi-3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
-    "alpaca": (),
-}
-
-NO_TEMPLATE_FIX = (
-    "set `chat_template: chatml` (or another built-in: "
-    + ", ".join(BUILTIN_TEMPLATES)
-    + ") or `chat_template_path: path/to/template.jinja`"
-)
 
 
 def resolve_chat_template(tokenizer, *, chat_template=None, chat_template_path=None) -> str | None:
@@ -383,8 +244,7 @@ def assistant_parts(
         ids, marked = _marked_turns(
             tokenizer, messages, tools, template, add_generation_prompt, template_kwargs
         )
-        if any(reasoning_and_answer(m)[0] for m in messages) and "generation-markers" not in _WARNED:
-            _WARNED.add("generation-markers")
+        if any(reasoning_and_answer(m)[0] for m in messages) and once(("templates", "generation-markers")):
             logger.warning(
                 "the chat template's {%% generation %%} markers are used to find the assistant turns; their "
                 "reasoning cannot be told apart from the answer there, so train_on_reasoning is not applied"
@@ -420,120 +280,6 @@ def assistant_parts(
                 pieces.append(piece)
     ids, labels = _tokenize_spans(tokenizer, text, pieces, default=(-1, 0))
     return RenderedTurns(ids, [turn for turn, _ in labels], [flag for _, flag in labels], unrendered)
-
-
-# apply_chat_template's own parameters: a template variable of one of these names would not reach the template
-_RESERVED_TEMPLATE_KWARGS = (
-    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
-    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-    "return_assistant_tokens_mask", "tokenizer_kwargs", "messages",
-)  # fmt: skip
-
-
-def check_template_kwargs(chat_template_kwargs, where: str = "chat_template_kwargs") -> dict:
-    """The template variables as a dict ({} for None); a clear error for a non-mapping or a name that
-    apply_chat_template keeps for itself (`tools`, `add_generation_prompt`, ...)."""
-    if chat_template_kwargs is None:
-        return {}
-    if not isinstance(chat_template_kwargs, dict) or not all(
-        isinstance(k, str) for k in chat_template_kwargs
-    ):
-        raise DataError(
-            f"{where}: expected a mapping of template variables, e.g. {{enable_thinking: false}}, "
-            f"got {chat_template_kwargs!r:.60}"
-        )
-    reserved = [k for k in chat_template_kwargs if k in _RESERVED_TEMPLATE_KWARGS]
-    if reserved:
-        raise DataError(
-            f"{where}: {', '.join(map(repr, reserved))} cannot be a template variable (apply_chat_template "
-            "sets it itself); tools come from the data's `tools` column"
-        )
-    return dict(chat_template_kwargs)
-
-
-def reasoning_and_answer(message: dict) -> tuple[str | None, str]:
-    r"""(reasoning, answer) of a message: its `reasoning_content` and content, or, without one, a
-    leading `<think>...</think>` block of the content and what follows it.
-
-        >>> reasoning_and_answer({"role": "assistant", "content": "<think>2+2 is 4</think>\n4"})
-        ('2+2 is 4', '\n4')
-    """
-    content = message.get("content") or ""
-    if not isinstance(content, str):  # content parts (vision data): the answer is their text
-        content = "".join(
-            p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    reasoning = message.get("reasoning_content")
-    if reasoning is not None and reasoning.strip():
-        return reasoning, content
-    if (
-        message.get("role") == "assistant"
-        and content.lstrip().startswith("<think>")
-        and "</think>" in content
-    ):
-        inner, _, answer = content.lstrip()[len("<think>") :].partition("</think>")
-        if inner.strip():
-            return inner, answer
-    return None, content
-
-
-_REASONING_PROBE, _ANSWER_PROBE = "tunesmith-reasoning-probe", "tunesmith-answer-probe"
-
-
-_GLUE: dict[tuple[str, str], str] = {}  # (template, template kwargs) -> what _probe_glue found
-
-
-def _reasoning_glue(render, key) -> str:
-    """What the template writes between a turn's reasoning and its answer (e.g. "\\n</think>\\n\\n"),
-    from a probe conversation rendered once per template; "" when the template does not render it."""
-    if key not in _GLUE:
-        _GLUE[key] = _probe_glue(render)
-    return _GLUE[key]
-
-
-def _probe_glue(render) -> str:
-    probe = [
-        {"role": "user", "content": "probe"},
-        {"role": "assistant", "content": _ANSWER_PROBE, "reasoning_content": _REASONING_PROBE,
-         "thinking": _REASONING_PROBE},
-    ]  # fmt: skip
-    try:
-        (text,) = render([probe], False)
-    except DataError:
-        return ""
-    at, answer = text.find(_REASONING_PROBE), text.find(_ANSWER_PROBE)
-    if at < 0 or answer < at:
-        return ""
-    return text[at + len(_REASONING_PROBE) : answer]
-
-
-def _reasoning_block(text: str, start: int, end: int, message: dict, glue) -> tuple[int, int] | None:
-    """Character span of the reasoning block of the assistant turn at text[start:end], or None when
-    the message has no reasoning or the text does not show it. `glue()` gives what the template
-    writes between reasoning and answer: the answer is looked for after it."""
-    reasoning, answer = reasoning_and_answer(message)
-    if reasoning is None:
-        return None
-    reasoning, answer = reasoning.strip(), answer.strip()
-    at = text.find(reasoning, start, end)
-    if at < 0:
-        return None
-    reasoning_end = at + len(reasoning)
-    if answer and text.find(answer, start, at) >= 0 and text.find(answer, reasoning_end, end) < 0:
-        # the answer is written before the reasoning: the block is the reasoning text alone
-        return at, reasoning_end
-    # past the template's closing marker (e.g. "</think>"), then to the answer, which ends the turn
-    cursor = reasoning_end
-    for closing in (glue().strip(), "</think>"):  # the template's marker; the data's own, inline
-        gap = text[cursor:end]
-        if closing and gap.lstrip().startswith(closing):
-            cursor += len(gap) - len(gap.lstrip()) + len(closing)
-    answer_at = text.find(answer, cursor, end) if answer else -1
-    if answer_at >= 0:
-        return start, answer_at
-    while cursor < end and text[cursor].isspace():  # no answer text (a turn of tool calls only)
-        cursor += 1
-    return start, cursor
 
 
 def _assistant_spans(turns, befores, throughs, text: str) -> list[tuple[int, int, int] | None]:
@@ -595,8 +341,7 @@ def _warn_if_no_stop_token(tokenizer, text: str, spans) -> None:
     for _, end, _ in spans:
         if not any(text.endswith(stop, 0, end) for stop in stops):
             ending = text[max(0, end - 20) : end]
-            if ending not in _WARNED:  # once per ending, not once per example
-                _WARNED.add(ending)
+            if once(("templates", ending)):  # once per ending, not once per example
                 logger.warning(
                     "the chat template ends an assistant turn with %r, not a special token: the model may not "
                     "learn to stop. A template that closes turns with a special token (add it with "
@@ -606,17 +351,11 @@ def _warn_if_no_stop_token(tokenizer, text: str, spans) -> None:
             return
 
 
-_WARNED: set[str] = set()  # what was warned about already (turn endings, "tools", "tool_calls")
-
-
 def _warn_if_tools_dropped(messages, tools, text: str, spans) -> None:
     # Many templates (SmolLM2's among them) ignore `tools` and `tool_calls`: the model would be
     # trained to answer a tool-calling turn with nothing. Say so, once per process.
-    if "tools" in _WARNED and "tool_calls" in _WARNED:
-        return
     names = [t.get("function", t).get("name") for t in tools or [] if isinstance(t, dict)]
-    if names and not any(name and name in text for name in names) and "tools" not in _WARNED:
-        _WARNED.add("tools")
+    if names and not any(name and name in text for name in names) and once(("templates", "tools")):
         logger.warning(
             "the chat template does not show the `tools` column (no tool name appears in the rendered text); "
             "use a template that renders tools, e.g. chat_template: chatml"
@@ -624,34 +363,13 @@ def _warn_if_tools_dropped(messages, tools, text: str, spans) -> None:
     for start, end, i in spans:
         for call in messages[i].get("tool_calls") or []:
             name = call["function"]["name"]
-            if name not in text[start:end] and "tool_calls" not in _WARNED:
-                _WARNED.add("tool_calls")
+            if name not in text[start:end] and once(("templates", "tool_calls")):
                 logger.warning(
                     "the chat template does not render assistant tool_calls (%r is not in the trained turn), "
                     "so the model would learn to answer those turns with nothing; use a template that renders "
                     "them, e.g. chat_template: chatml",
                     name,
                 )
-
-
-def missing_template_tokens(tokenizer, chat_template: str) -> list[str]:
-    """The markers of a built-in template that are not single special tokens of `tokenizer`.
-
-    A base model given `chat_template: chatml` usually has no `<|im_start|>` / `<|im_end|>`
-    tokens: the text is then split into pieces like `<`, `|`, `im`, ... and the model never
-    sees one token that ends a turn. The trainer adds these as special tokens (and resizes the
-    embeddings) before training.
-
-        >>> missing_template_tokens(word_tokenizer(), "chatml")
-        []
-        >>> missing_template_tokens(word_tokenizer(chat_specials=False), "chatml")
-        ['<|im_start|>', '<|im_end|>']
-    """
-    markers = BUILTIN_SPECIAL_TOKENS.get(chat_template, ())
-    known = set(getattr(tokenizer, "all_special_tokens", [])) | set(
-        getattr(tokenizer, "get_added_vocab", dict)()
-    )
-    return [m for m in markers if m not in known]
 
 
 def _tokenize_spans(tokenizer, text: str, spans, default=-1) -> tuple[list[int], list]:

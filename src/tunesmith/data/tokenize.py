@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import weakref
 
+from tunesmith.common import once
 from tunesmith.data.sources import DataError
 from tunesmith.data.templates import assistant_parts, check_template_kwargs
 
@@ -35,7 +36,6 @@ IGNORE = -100
 
 # tokenizer -> whether its plain `tokenizer(text)` call puts BOS in front (looked up once)
 _ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_WARNED_NO_EOS: list = []  # warn once per process, not once per example
 
 
 def tokenize_example(
@@ -165,14 +165,10 @@ def _reasoning_rule(rendered, messages, train_on_reasoning, *, first_trained: in
     ]
 
 
-_WARNED_REASONING: set[str] = set()
-
-
 def _warn_if_reasoning_unrendered(rendered, first: int, last: int, where: str) -> None:
     """The final turn's reasoning is not in the rendered text: the template ignores it. Say so, once."""
-    if "final" in _WARNED_REASONING:
+    if not once(("tokenize", "final-reasoning")):
         return
-    _WARNED_REASONING.add("final")
     logger.warning(
         "%s: the chat template does not render the reasoning (reasoning_content / thinking) of the final "
         "assistant turn (message %d), so it is not trained; use a template that renders it (Qwen3-style "
@@ -286,8 +282,7 @@ def _eos_id(tokenizer, eos_token, where) -> int | None:
 
 def _with_eos(ids: list[int], eos_id: int | None) -> list[int]:
     if eos_id is None:
-        if not _WARNED_NO_EOS:
-            _WARNED_NO_EOS.append(True)
+        if once(("tokenize", "no-eos")):  # once per process, not once per example
             logger.warning(
                 "the tokenizer has no EOS token: examples end without one; set eos_token to fix that"
             )
