@@ -10,9 +10,8 @@ __all__ = ["decoder", "model_name", "unwrap"]
 def unwrap(model) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / DataParallel
         model = model.module
-    if hasattr(model, "get_base_model"):  # PeftModel
-        model = model.get_base_model()
-    return model
+    get_base = getattr(model, "get_base_model", None)  # PeftModel / LoraModel
+    return get_base() if callable(get_base) else model
 
 
 def decoder(model) -> torch.nn.Module | None:
