@@ -18,17 +18,13 @@ import warnings
 import torch
 from torch import nn
 
+from tunesmith.models.introspect import unwrap
+
 logger = logging.getLogger(__name__)
 
 # Names that mean the input embeddings or the LM head in the architectures transformers ships;
 # Unsloth scripts put them in target_modules or modules_to_save to train them.
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
-
-
-def _base_model(model):
-    """The transformers model under a PeftModel (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _is_kbit(model) -> bool:
@@ -174,7 +170,7 @@ def _fp32_trained_copies(peft_model) -> None:
     """
     from peft.utils.other import ModulesToSaveWrapper
 
-    base = _base_model(peft_model)
+    base = unwrap(peft_model)
     compute_dtype = getattr(base, "dtype", torch.float32)
     if compute_dtype not in (torch.bfloat16, torch.float16):
         return
@@ -211,7 +207,7 @@ def _module_names(root: nn.Module, targets) -> set[str]:
 def _embedding_prefixes(model) -> set[str]:
     """Name fragments that mark input-embedding and LM-head parameters, LoRA and modules_to_save
     copies included (their names extend the module's own: `lm_head.modules_to_save.default.weight`)."""
-    base = _base_model(model)
+    base = unwrap(model)
     names = _module_names(base, [base.get_input_embeddings(), base.get_output_embeddings()])
     return {f".{name}." for name in names if name}
 

@@ -24,6 +24,7 @@ import warnings
 import torch
 
 from tunesmith.models.adapters import EMBEDDING_NAMES, apply_lora
+from tunesmith.models.introspect import unwrap
 from tunesmith.models.load import load_model, load_tokenizer, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def max_seq_length_of(model) -> int | None:
 def _set_max_seq_length(model, max_seq_length) -> None:
     if max_seq_length is None:
         return
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = unwrap(model)
     setattr(target, MAX_SEQ_LENGTH_ATTR, int(max_seq_length))
     # Unsloth scripts read model.max_seq_length.
     target.max_seq_length = int(max_seq_length)

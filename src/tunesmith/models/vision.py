@@ -19,18 +19,13 @@ import logging
 
 from torch import nn
 
+from tunesmith.models.introspect import unwrap
+
 logger = logging.getLogger(__name__)
 
 # Attribute names (anywhere in the module tree) of the vision tower and of the projector.
 VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model")
 PROJECTOR_NAMES = ("multi_modal_projector", "merger", "connector")
-
-
-def _base(model) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-        model = model.module
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def is_vision_config(config) -> bool:
@@ -40,7 +35,7 @@ def is_vision_config(config) -> bool:
 
 def is_vision_model(model) -> bool:
     """True for an image-text model (through PEFT / DDP wrappers)."""
-    return is_vision_config(getattr(_base(model), "config", None))
+    return is_vision_config(getattr(unwrap(model), "config", None))
 
 
 def _prefix(root: nn.Module, module: nn.Module | None) -> str | None:
@@ -51,7 +46,7 @@ def _prefix(root: nn.Module, module: nn.Module | None) -> str | None:
 
 def language_model_prefix(model) -> str:
     """The module name of the language model inside `model` (e.g. "model.language_model")."""
-    base = _base(model)
+    base = unwrap(model)
     prefix = _prefix(base, base.get_decoder())
     if not prefix:
         raise ValueError(f"{type(base).__name__}: cannot find its language model (get_decoder())")
@@ -61,7 +56,7 @@ def language_model_prefix(model) -> str:
 def _named(model, names) -> list[str]:
     """Full module names whose last part is in `names`, outermost only."""
     found = []
-    for name, _ in _base(model).named_modules():
+    for name, _ in unwrap(model).named_modules():
         if name.rsplit(".", 1)[-1] in names and not any(name.startswith(f + ".") for f in found):
             found.append(name)
     return found
@@ -77,7 +72,7 @@ def vision_tower_names(model) -> list[str]:
 
 def _linears(model, prefixes, exclude=()) -> list[str]:
     out = []
-    for name, module in _base(model).named_modules():
+    for name, module in unwrap(model).named_modules():
         if not isinstance(module, nn.Linear):
             continue
         if any(name.startswith(p + ".") for p in prefixes) and not any(
@@ -98,7 +93,7 @@ def lora_targets(model, *, vision_tower: bool = False) -> list[str]:
         targets += _linears(model, vision_tower_names(model), exclude=projector_names(model))
     if not targets:
         raise ValueError(
-            f"{type(_base(model)).__name__}: no linear layer found in the language model for LoRA"
+            f"{type(unwrap(model)).__name__}: no linear layer found in the language model for LoRA"
         )
     return targets
 
@@ -107,7 +102,7 @@ def language_model_if_tower_frozen(model) -> nn.Module | None:
     """The language model of a VLM whose vision tower has no trainable parameter, else None."""
     if not is_vision_model(model):
         return None
-    base = _base(model)
+    base = unwrap(model)
     towers = [base.get_submodule(name) for name in vision_tower_names(model)]
     if any(p.requires_grad for tower in towers for p in tower.parameters()):
         return None

@@ -27,6 +27,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from tunesmith.models.introspect import unwrap
+
 __all__ = ["ATTENTION_NAME", "use_varlen_attention", "restore_attention", "varlen_attention_forward"]
 
 logger = logging.getLogger(__name__)
@@ -59,8 +61,7 @@ def restore_attention(model, previous: str) -> None:
 
 def _base_model(model):
     # PeftModel / LoraModel wrap the PreTrainedModel; set_attn_implementation lives on the latter.
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
+    base = unwrap(model)
     if not hasattr(base, "set_attn_implementation"):
         raise TypeError(
             f"use_varlen_attention: {type(model).__name__} is not a transformers PreTrainedModel (or a PEFT "
