@@ -13,8 +13,10 @@ Three policies, from fastest to leanest:
                 torch.autograd.graph.saved_tensors_hooks (`OffloadActivations`), which also works
                 on its own around any code.
 
-The trainer calls `apply_memory_policy(model, policy, batch_tokens=...)` and `.remove()`s the
-handle when done; "auto" goes through `choose_memory_policy`.
+The trainer's model build (`build.model.build_model`) calls `apply_memory_policy(model, policy, ...)`
+and keeps the handle as `SFTTrainer.memory_policy` (for "auto" it calls `handle.plan(tokens)` before
+each training forward); the trainer does not remove it: `handle.remove()` puts the layers' previous
+settings back. "auto" goes through `choose_memory_policy`.
 """
 
 from __future__ import annotations
