@@ -312,3 +312,28 @@ class FinalEvaluationCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.evaluator.final = False
+
+
+def wire_generation_eval(trainer, args, skip_prepare: bool):
+    """eval_generation and early stopping wired in: the evaluator (or None), the final evaluation and the
+    EarlyStoppingCallback; a metric_for_best_model that no evaluation logs is refused here."""
+    evaluator = None
+    settings = GenerationSettings.parse(args.eval_generation)
+    if settings is not None:
+        if trainer.eval_dataset is None or skip_prepare:
+            raise ValueError(
+                "eval_generation needs a prepared eval set: pass eval_dataset (or give a source of `datasets` an "
+                "`eval` / `eval_examples`)"
+            )
+        evaluator = GenerationEvaluator.from_eval_datasets(
+            settings, trainer.eval_dataset, trainer.processing_class
+        )
+        trainer.add_callback(FinalEvaluationCallback(evaluator))
+    check_best_metric(args, trainer.eval_dataset, evaluator, trainer.compute_metrics)
+    if args.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(
+            EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold)
+        )
+    return evaluator

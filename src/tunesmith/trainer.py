@@ -1,17 +1,17 @@
 """SFTTrainer: a thin `transformers.Trainer` for supervised fine-tuning, drop-in for TRL 1.x's.
 
-What it adds to Trainer, and where:
+`__init__` keeps TRL's constructor (old spellings `tokenizer=`, `max_seq_length=`, ... still work, once
+noticed) and gets its pieces from `tunesmith.build`: the model (load, LoRA, fast modules, memory
+policy), the tokenizer, the prepared datasets and the collator. What the class itself adds:
 
-- `__init__` wires the pieces: model (`models.load`), LoRA (`models.adapters`), fast modules
-  (`ops.apply.optimize`), memory policy, data (`data.pipeline.prepare_dataset`) and collator
-  (`data.collate`). Old TRL spellings (`tokenizer=`, `max_seq_length=`, ...) still work, once noticed.
 - `compute_loss` reads top to bottom: the model to its final hidden states (no logits), the fused
   `linear_cross_entropy` against `shift_labels`, divided by the supervised tokens of the whole
-  optimizer step, then metrics.
+  optimizer step, then metrics (`tunesmith.loss` has the pieces).
 - `prediction_step` / `evaluation_loop`: eval loss weighted by tokens (independent of batch size).
 - `create_optimizer`: parameter groups (embedding learning rate, no decay on norms and biases).
 - `log`: token accuracy, entropy (computed inside the fused loss), tokens seen, tokens per second,
   supervised tokens.
+- saving, crash-safe (`tunesmith.saving.CrashSafeSaving`, a mixin).
 
 Under FSDP or DeepSpeed the LM head's weight is sharded outside the forward, so there the loss is
 computed from the logits the model returns (`logits_loss_sum`): the same value, without the fused
@@ -23,9 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
@@ -49,6 +47,7 @@ from tunesmith.callbacks import (
 )
 from tunesmith.common import IGNORE_INDEX
 from tunesmith.config import SFTConfig
+from tunesmith.evaluation import wire_generation_eval
 from tunesmith.loss import (
     FORWARD_KEYS,
     TokenCounters,
@@ -60,6 +59,7 @@ from tunesmith.loss import (
     loss_impl,
     real_tokens,
 )
+from tunesmith.saving import CrashSafeSaving
 
 __all__ = ["SFTTrainer", "UnslothTrainer", "final_hidden_states", "lm_head_parameters", "logits_loss_sum"]
 
@@ -72,7 +72,7 @@ _DATASET_COLUMNS = ["input_ids", "labels", "seq_lengths", "example_index", "atte
 _VISION_ROW_COLUMNS = ["text", "text_ids", "trained", "images", "image_sizes", "length", "image_tokens"]
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(CrashSafeSaving, Trainer):
     """Supervised fine-tuning trainer with TRL 1.x's constructor.
 
     Args (as TRL's): model (name/path, PreTrainedModel or PeftModel; None: `args.model_name_or_path`
@@ -179,7 +179,7 @@ class SFTTrainer(Trainer):
         self._window = TokenCounters(self.args.device)
         self._window_start = time.perf_counter()
         self._eval_totals: torch.Tensor | None = None
-        self.generation_eval = _generation_evaluator(self, args, skip_prepare)
+        self.generation_eval = wire_generation_eval(self, args, skip_prepare)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Trainer.train; `resume_from_checkpoint=True` takes the newest *complete* checkpoint in
@@ -371,54 +371,6 @@ class SFTTrainer(Trainer):
             self._window_start = now
         super().log(logs, start_time)
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Write the adapter (LoRA) or the full model, the tokenizer with its chat template, and the
-        resolved config (`tunesmith_config.yaml`) to `output_dir` (default `args.output_dir`).
-        Trainer calls this for every checkpoint too, so each checkpoint folder holds its config.
-
-        Crash-safe: written into a staging folder first, then each file moved into place with
-        `os.replace`, so a kill leaves every file old or new, never torn. (A checkpoint's call is
-        already inside `_save_checkpoint`'s staging folder.)"""
-        if _internal_call:
-            super().save_model(output_dir, _internal_call)
-            if self.args.should_save:
-                self.args.save_resolved(output_dir or self.args.output_dir)
-            return
-        from tunesmith import checkpoint as ckpt
-
-        target = output_dir or self.args.output_dir
-        staged = Path(target) / ckpt.STAGING / "model"
-        if self.args.should_save:
-            ckpt.staging_dir(target, "model")
-        self.accelerator.wait_for_everyone()
-        try:
-            super().save_model(str(staged), _internal_call=True)  # no Hub push from the staging folder
-            if self.args.should_save:
-                self.args.save_resolved(staged)
-                ckpt.publish_files(staged, target)
-        except Exception as err:
-            if ckpt.is_disk_full(err, target, _model_bytes(self.model)):
-                shutil.rmtree(staged, ignore_errors=True)
-                raise ckpt.space_error(target, "the final model", _model_bytes(self.model), err) from None
-            raise
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-
-    def _issue_warnings_after_load(self, load_result) -> None:
-        # A checkpoint of a model with tied weights (SmolLM2's lm_head is its embedding matrix) stores the
-        # matrix once; the tied name is "missing" but loaded through its twin: not worth a warning
-        first: dict[int, str] = {}
-        tied = set()
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            if first.setdefault(id(param), name) != name:
-                tied.add(name)
-        if tied and hasattr(load_result, "_replace"):  # torch's _IncompatibleKeys, a named tuple
-            load_result = load_result._replace(
-                missing_keys=[k for k in load_result.missing_keys if k not in tied]
-            )
-        super()._issue_warnings_after_load(load_result)
-
     def _get_grad_norm(self, model, grad_norm=None):
         # Trainer calls this once per optimizer step, after clipping and before `optimizer.step()`: a NaN /
         # inf norm stops there, so its update is never applied, naming the rows of that step's batches
@@ -434,118 +386,5 @@ class SFTTrainer(Trainer):
             )
         return grad_norm
 
-    def _get_output_dir(self, trial) -> str:
-        # while a checkpoint is written, Trainer's own save goes into the staging folder
-        staging = getattr(self, "_staging_root", None)
-        return str(staging) if staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's checkpoint (weights, optimizer, scheduler, RNG states, trainer state, tokenizer,
-        config), written into `output_dir/.tunesmith-staging/checkpoint-N`, flushed, given its manifest,
-        then renamed to `output_dir/checkpoint-N`; older checkpoints rotate away only after that."""
-        from transformers.trainer_utils import rotate_checkpoints
-
-        from tunesmith import checkpoint as ckpt
-
-        run_dir = super()._get_output_dir(trial)
-        step = self.state.global_step
-        name = f"checkpoint-{step}"
-        root = Path(run_dir) / ckpt.STAGING
-        last = ckpt.newest_complete(run_dir)
-        needed = ckpt.folder_size(last) if last else None  # the next checkpoint needs about as much
-        intact = (
-            f"the last complete checkpoint, {last.name}, is intact" if last else "no checkpoint was saved yet"
-        )
-        if self.args.should_save:
-            if root.exists():
-                shutil.rmtree(root)  # what a killed save left behind
-            free = shutil.disk_usage(run_dir).free
-            if needed and free < needed:
-                _remove_empty(root.parent)
-                raise ckpt.space_error(run_dir, name, needed, intact=intact)
-            root.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        self._staging_root = root
-        try:
-            super()._save_checkpoint(model, trial)
-        except Exception as err:
-            needed = needed or _model_bytes(self.model)
-            if ckpt.is_disk_full(err, run_dir, needed):
-                shutil.rmtree(root, ignore_errors=True)
-                raise ckpt.space_error(run_dir, name, needed, err, intact=intact) from None
-            raise
-        finally:
-            self._staging_root = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            staged, final = root / name, Path(run_dir) / name
-            best = self.state.best_global_step
-            if best:  # Trainer looked for the best checkpoint in the staging folder: point it at the real one
-                best_dir = Path(run_dir) / f"checkpoint-{best}"
-                if best == step or best_dir.exists():
-                    self.state.best_model_checkpoint = str(best_dir)
-                    self.state.save_to_json(str(staged / "trainer_state.json"))
-            ckpt.fsync_tree(staged)
-            ckpt.write_manifest(staged, step)
-            ckpt.publish_checkpoint(staged, final)
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-        self.accelerator.wait_for_everyone()
-
 
 UnslothTrainer = SFTTrainer
-
-
-def _remove_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
-
-
-def _model_bytes(model) -> int:
-    """A lower bound of what a save writes: the trainable weights (+ AdamW's two fp32 moments each),
-    or every weight for a full fine-tune."""
-    params = list(model.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    if trainable == sum(p.numel() for p in params):
-        weights = sum(p.numel() * p.element_size() for p in params)
-    else:
-        weights = trainable * 4
-    return weights + trainable * 8
-
-
-def _generation_evaluator(trainer, args: SFTConfig, skip_prepare: bool):
-    """eval_generation and early stopping wired in: the evaluator (or None), the final evaluation and the
-    EarlyStoppingCallback; a metric_for_best_model that no evaluation logs is refused here."""
-    from tunesmith.evaluation import (
-        FinalEvaluationCallback,
-        GenerationEvaluator,
-        GenerationSettings,
-        check_best_metric,
-    )
-
-    evaluator = None
-    settings = GenerationSettings.parse(args.eval_generation)
-    if settings is not None:
-        if trainer.eval_dataset is None or skip_prepare:
-            raise ValueError(
-                "eval_generation needs a prepared eval set: pass eval_dataset (or give a source of `datasets` an "
-                "`eval` / `eval_examples`)"
-            )
-        evaluator = GenerationEvaluator.from_eval_datasets(
-            settings, trainer.eval_dataset, trainer.processing_class
-        )
-        trainer.add_callback(FinalEvaluationCallback(evaluator))
-    check_best_metric(args, trainer.eval_dataset, evaluator, trainer.compute_metrics)
-    if args.early_stopping_patience is not None:
-        from transformers import EarlyStoppingCallback
-
-        trainer.add_callback(
-            EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold)
-        )
-    return evaluator
