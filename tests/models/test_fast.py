@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.tiny import tiny_model, tiny_tokenizer
 from tunesmith import FastLanguageModel
-from tunesmith.models import fast
+from tunesmith.common import reset_once
 from tunesmith.models.fast import max_seq_length_of
 
 IDS = torch.tensor([[1, 10, 20, 30, 2]])
@@ -27,7 +27,7 @@ def model_name(tmp_path_factory):
 @pytest.fixture
 def no_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(fast, "_warned_4bit", False)
+    reset_once("fast")
 
 
 def lora_targets(model) -> list[str]:

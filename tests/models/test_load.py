@@ -201,10 +201,24 @@ def test_missing_pad_token_falls_back_to_eos(tmp_path, caplog):
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>").save_pretrained(
         tmp_path
     )
-    with caplog.at_level(logging.INFO, logger="tunesmith.models.load"):
+    with caplog.at_level(logging.INFO, logger="tunesmith.models.tokens"):
         tokenizer = load_tokenizer(tmp_path)
     assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("</s>", 1)
     assert "padding with eos '</s>'" in caplog.text
+
+
+def test_the_trainer_build_follows_the_loader_pad_policy():
+    # a tokenizer handed to the trainer without a pad token gets the same pad the loader would choose:
+    # the dedicated "<pad>" (id 0) of the vocabulary, not eos "</s>" (id 2)
+    from tunesmith.build.tokenizer import set_pad_token
+    from tunesmith.config import SFTConfig
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = None
+    set_pad_token(tokenizer, SFTConfig(output_dir="unused", report_to="none"))
+    assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<pad>", 0)
+    with pytest.raises(ValueError, match="pad_token='<PAD>' is not in the vocabulary"):
+        set_pad_token(tokenizer, SFTConfig(output_dir="unused", report_to="none", pad_token="<PAD>"))
 
 
 def test_pad_and_eos_overrides(llama_folder):

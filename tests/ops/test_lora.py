@@ -131,7 +131,7 @@ def test_optimize_swaps_lora_layers_on_cpu_by_default_and_unoptimize_restores():
 
     model = tiny_lora_model(torch.float32)
     keys = list(model.state_dict())
-    assert set(DEFAULT_SWAPS["cpu"]) == {"lora", "rms_norm", "mlp", "rope"}  # bench/RESULTS.md, "Kernels"
+    assert set(DEFAULT_SWAPS) == {"lora", "rms_norm", "mlp", "rope"}  # bench/RESULTS.md, "Kernels"
     report = optimize(model)  # the model is on the CPU
     # 14 LoRA linears; 5 norms (2 per layer and the final one); 2 MLPs and 2 attentions
     assert report.swapped == {"lora": 14, "rms_norm": 5, "mlp": 2, "rope": 2}

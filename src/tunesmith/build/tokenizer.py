@@ -48,8 +48,11 @@ def build_tokenizer(tokenizer, model, args: SFTConfig):
 
 
 def set_pad_token(tokenizer, args: SFTConfig) -> None:
-    if args.pad_token is not None:
-        tokenizer.pad_token = args.pad_token
-    elif getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
-        # padding positions are never trained, so reusing eos as pad changes nothing in the loss
-        tokenizer.pad_token = tokenizer.eos_token
+    """`models.load.set_special_tokens` (the one pad-token policy) with the config's pad_token."""
+    from tunesmith.models.tokens import set_special_tokens
+
+    set_special_tokens(tokenizer, pad_token=args.pad_token, name=model_name_of(tokenizer))
+
+
+def model_name_of(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", None) or "the model"

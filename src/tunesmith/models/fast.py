@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from tunesmith.common import once
 from tunesmith.models.adapters import EMBEDDING_NAMES, apply_lora
 from tunesmith.models.introspect import unwrap
 from tunesmith.models.load import load_model, load_tokenizer, resolve_dtype
@@ -55,8 +56,6 @@ _UNSLOTH_ONLY = {
     "finetune_mlp_modules",
 }
 
-_warned_4bit = False
-
 
 def max_seq_length_of(model) -> int | None:
     """The max_seq_length given to `FastLanguageModel.from_pretrained` / `get_peft_model`, or None.
@@ -81,20 +80,18 @@ def _drop_unsloth_only(kwargs: dict, where: str) -> dict:
 
 
 def _quantization(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool):
-    global _warned_4bit
     if not (load_in_4bit or load_in_8bit):
         return None
     if full_finetuning:
         logger.warning("full_finetuning=True trains every weight, so the model loads in 16-bit, not 4/8-bit")
         return None
     if not torch.cuda.is_available():
-        if not _warned_4bit:
+        if once(("fast", "no-cuda-4bit")):
             warnings.warn(
                 "load_in_4bit/load_in_8bit needs a CUDA GPU and this machine has none: loading the model "
                 "in 16-bit instead (LoRA trains the same way; it only uses more memory)",
                 stacklevel=3,
             )
-            _warned_4bit = True
         return None
     return "4bit" if load_in_4bit else "8bit"
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.models.tokens import PAD_TOKEN_CANDIDATES, set_special_tokens  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIASES = ("default", "smollm2")
 
-# Dedicated padding tokens some vocabularies carry; used before falling back to eos.
-PAD_TOKEN_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|padding|>")
 
 _DTYPE_NAMES = {
     "bf16": torch.bfloat16,
@@ -422,53 +422,16 @@ def load_model(
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _token_in_vocab(tokenizer, token: str) -> bool:
-    return token in tokenizer.get_vocab()
-
-
 def load_tokenizer(
     name_or_path, *, trust_remote_code=False, gguf_file=None, pad_token=None, eos_token=None, **kwargs
 ):
-    """The tokenizer of `name_or_path` (same sources as `load_model`), with a pad token.
-
-    `pad_token` / `eos_token` (TRL's SFTConfig fields) replace the tokenizer's own; each must be in the
-    vocabulary. Without a pad token, a dedicated one from the vocabulary is used
-    (<|finetune_right_pad_id|>, <pad>, ...), else eos: safe here because our labels mark the trained
-    tokens explicitly, so padding with eos never hides the real eos from the loss.
-    """
+    """The tokenizer of `name_or_path` (same sources as `load_model`), with a pad token chosen by
+    `set_special_tokens` (`pad_token` / `eos_token` replace the tokenizer's own)."""
     from transformers import AutoTokenizer
 
     hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
     source = _resolve_source(name_or_path, gguf_file, **hub_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
 
-    for field, token in (("eos_token", eos_token), ("pad_token", pad_token)):
-        if token is None:
-            continue
-        if not _token_in_vocab(tokenizer, token):
-            raise ValueError(
-                f"{field}={token!r} is not in the vocabulary of {name_or_path}: choose a token the "
-                f"tokenizer has (its special tokens: {', '.join(tokenizer.all_special_tokens)})"
-            )
-        setattr(tokenizer, field, token)
-
-    if tokenizer.pad_token is None:
-        dedicated = [
-            t for t in PAD_TOKEN_CANDIDATES if _token_in_vocab(tokenizer, t) and t != tokenizer.eos_token
-        ]
-        if dedicated:
-            tokenizer.pad_token = dedicated[0]
-            logger.info("tokenizer has no pad token: using its dedicated %r", dedicated[0])
-        elif tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-            logger.info(
-                "tokenizer has no pad token: padding with eos %r (safe: labels mark trained tokens "
-                "explicitly, so eos is still trained)",
-                tokenizer.eos_token,
-            )
-        else:
-            raise ValueError(
-                f"the tokenizer of {name_or_path} has neither a pad nor an eos token: pass pad_token=... "
-                "(SFTConfig.pad_token) with a token from its vocabulary"
-            )
+    set_special_tokens(tokenizer, pad_token=pad_token, eos_token=eos_token, name=name_or_path)
     return tokenizer

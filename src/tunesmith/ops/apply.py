@@ -18,8 +18,8 @@ With "lora" on the CPU, the swapped attention and MLP modules also run their q/k
 LoRA projections as one (`ops.lora.lora_projections`), keeping a stacked copy of those frozen
 weights. Nothing is patched: no class, function or `forward` of transformers is changed;
 `unoptimize` puts the original module objects back. All swaps are on by default on both device
-types (`DEFAULT_SWAPS`, measured in bench/RESULTS.md, "Kernels"): on CUDA for the Triton kernels;
-on the CPU "lora" is faster, "rms_norm" keeps ~18% fewer activations at ~1% of the time, and the
+types (`DEFAULT_SWAPS`, the same on each; measured in bench/RESULTS.md, "Kernels"): on CUDA for the
+Triton kernels; on the CPU "lora" is faster, "rms_norm" keeps ~18% fewer activations at ~1% of the time, and the
 MLP and attention modules run the same PyTorch ops as transformers' but stack the projections
 (a SmolLM2 LoRA step 4% faster).
 """
@@ -108,8 +108,9 @@ _ATTENTIONS = {
     "Phi3Attention": _AttentionSpec(True, False, _config_window),
 }
 
-# Which swaps pay off on each device type (bench/RESULTS.md, "Kernels").
-DEFAULT_SWAPS = {"cuda": KINDS, "cpu": KINDS}
+# The swaps optimize() makes when it is not told which: all of them, on CUDA and on the CPU alike
+# (each pays off on both, bench/RESULTS.md, "Kernels"); on CUDA none without Triton installed.
+DEFAULT_SWAPS = KINDS
 
 
 class _RopeAttention:
@@ -284,15 +285,14 @@ def _new_attention(attention: nn.Module, impl: str) -> nn.Module:
 def optimize(
     model: nn.Module,
     *,
-    kernels: bool = True,
     verbose: bool = True,
     impl: str = "auto",
     swaps: tuple[str, ...] | None = None,
 ) -> OptimizeReport:
     """Swap `model`'s norms, MLPs and attention modules for fused ones; returns what was done.
 
-    swaps: the kinds to swap, from `KINDS`; None picks what is faster on the model's device
-    (`DEFAULT_SWAPS`: all, on CUDA only with Triton installed). impl is passed
+    swaps: the kinds to swap, from `KINDS`; None: `DEFAULT_SWAPS` (all of them; on CUDA none when
+    Triton is not installed). Whether to optimize at all is the caller's choice (`use_kernels`). impl is passed
     to every new module ("auto": Triton on CUDA tensors once each kernel has passed its device check,
     `ops.selfcheck`, the PyTorch versions elsewhere; "torch": never Triton). Works on a
     PeftModel or a bare model; call `unoptimize(model)` to put the original modules back.
@@ -305,18 +305,11 @@ def optimize(
     report = OptimizeReport(model_type=_model_type(model), device=device, impl=impl)
     log = logger.info if verbose else logger.debug
 
-    if not kernels:
-        report.skipped["all"] = "kernels=False"
-        log("optimize: kernels=False, the model runs unchanged")
-        return report
     if swaps is None:
-        swaps = DEFAULT_SWAPS.get(device, ())
+        swaps = DEFAULT_SWAPS
         if device == "cuda" and impl == "auto" and not triton_installed():
             swaps = ()
             report.skipped["all"] = "triton is not installed (pip install 'tunesmith[gpu]')"
-        elif [kind for kind in KERNEL_KINDS if kind not in swaps]:
-            left = ", ".join(kind for kind in KERNEL_KINDS if kind not in swaps)
-            report.skipped[left] = f"on {device} the PyTorch modules are as fast (bench/RESULTS.md, Kernels)"
     if device == "cuda" and impl == "auto" and set(swaps) & set(KERNEL_KINDS):
         if kernels_disabled():
             report.skipped["triton"] = "TUNESMITH_KERNELS=off: the swapped modules run their PyTorch versions"
