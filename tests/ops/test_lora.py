@@ -253,3 +253,46 @@ def test_stacked_weights_follow_changes_to_the_base_weights():
         q, v = lora_projections(x, layers, stacked)
         torch.testing.assert_close(v, attention.v_proj(x))
         assert torch.equal(stacked["weight"][:64], q_weight) and not stacked["weight"][64:].any()
+
+
+def test_stacking_keeps_no_second_copy_of_the_frozen_weights():
+    # after a forward, each q/k/v and gate/up base weight is the same Parameter, now a slice of the
+    # module's stacked tensor: the distinct storages behind the model's parameters and the stacking
+    # caches hold exactly the parameters' bytes, as before the forward (a copy would add the
+    # stacked projections' bytes: 2 x (64 + 32 + 32) x 64 + 2 x 2 x 128 x 64 fp32 elements here)
+    from tests.tiny import tiny_model
+    from tunesmith.ops.apply import KINDS
+
+    torch.manual_seed(3)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear"))
+    optimize(model, impl="reference", swaps=KINDS)
+    params = dict(model.named_parameters())
+
+    def storage_bytes(extra=()):
+        seen = {}
+        for t in [*params.values(), *extra]:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+    before = storage_bytes()
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
+    model(input_ids=ids).logits.sum().backward()
+    layer = model.base_model.model.model.layers[0]
+    caches = [m.__dict__.get("_tunesmith_stacked") or m.__dict__.get("_stacked") for m in model.modules()]
+    stacked = [c["weight"] for c in caches if c]
+    assert len(stacked) == 2 * 2  # q/k/v and gate/up in each of the 2 layers
+    assert storage_bytes(stacked) == before
+    q = layer.self_attn.q_proj.base_layer.weight
+    assert q is params["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert (
+        q.untyped_storage().data_ptr()
+        == layer.self_attn.k_proj.base_layer.weight.untyped_storage().data_ptr()
+    )
+    # the state_dict still has every weight with its own values, and saves (disjoint views)
+    from safetensors.torch import load, save
+
+    state = {k: v for k, v in model.state_dict().items()}
+    loaded = load(save({k: v.contiguous() for k, v in state.items()}))
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v), k

@@ -23,10 +23,10 @@ Projections that read the same input (an attention layer's q, k and v; an MLP's 
 as one: `lora_projections` stacks their frozen weights along the output dim, their A matrices
 along the rank dim and their B matrices block-diagonally, so each of the forward and backward
 does one big matmul and one LoRA update instead of one per projection, and the input gradient is
-accumulated in one buffer. The stacked weights are a second copy of those projections' frozen
-weights (for SmolLM2-135M 138 MB in bf16), kept by the module that calls it; built per call
-instead, the copy cost what the fusion saved. For that memory it is CPU-only, where per-call
-overheads dominate small matmuls: a SmolLM2 LoRA step 3-6% faster on 2 cores (bench/RESULTS.md).
+accumulated in one buffer. The frozen weights are stacked *in place*: they are copied once into
+one tensor and each layer's weight becomes its slice of it (`Parameter.data`, the same Parameter
+objects, so state_dict, merging and saving see the same values), so there is no second copy of
+them. CPU-only, where per-call overheads dominate small matmuls.
 """
 
 from __future__ import annotations
@@ -105,30 +105,58 @@ def lora_delta(x, lora_a, lora_b, scaling: float):
     return _LoraLinear.apply(x, None, None, lora_a, lora_b, float(scaling))
 
 
+def _stack_in_place(weights) -> torch.Tensor:
+    """One (Σ out, in) tensor holding `weights` end to end, each of which becomes its slice of it
+    (`.data` reassigned: the same Parameter objects, no second copy kept). When they already are
+    consecutive slices of one tensor, that tensor (a view), with nothing copied."""
+    first = weights[0]
+    rows = sum(w.shape[0] for w in weights)
+    row_bytes = first.shape[1] * first.element_size()
+    storage = first.untyped_storage()
+    if all(
+        w.untyped_storage().data_ptr() == storage.data_ptr()
+        and w.data_ptr() == first.data_ptr() + sum(v.shape[0] for v in weights[:i]) * row_bytes
+        and w.is_contiguous()
+        and w.dtype == first.dtype
+        and w.shape[1] == first.shape[1]
+        for i, w in enumerate(weights)
+    ):
+        return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
+    with torch.no_grad():
+        stacked = torch.cat([w.detach() for w in weights])
+    offset = 0
+    for w in weights:
+        w.data = stacked[offset : offset + w.shape[0]]
+        offset += w.shape[0]
+    return stacked
+
+
 def lora_projections(x, layers, stacked: dict) -> tuple[torch.Tensor, ...] | None:
     """`tuple(layer(x) for layer in layers)` computed as one LoRA linear (see module doc), for
     projections of the same input such as q, k and v. `stacked` is the caller's cache of the
-    stacked frozen weight and bias (a dict it keeps; rebuilt whenever a weight is replaced or
-    changed in place). None, with nothing computed, off the CPU or unless every layer is a
-    `FastLoraLinear` on its plain path (`FastLoraLinear.plain_parts`)."""
+    stacked frozen weight (a dict it keeps; the weights become slices of it, so changes made to
+    them in place are its changes; rebuilt when a weight is replaced). None, with nothing
+    computed, off the CPU or unless every layer is a `FastLoraLinear` on its plain path
+    (`FastLoraLinear.plain_parts`)."""
     on_cpu = x.device.type == "cpu"
     parts = [
         layer.plain_parts(x) if on_cpu and isinstance(layer, FastLoraLinear) else None for layer in layers
     ]
     if any(part is None for part in parts):
-        stacked.clear()  # e.g. after merge_and_unload: no second copy of the weights kept for nothing
+        stacked.clear()  # e.g. after merge_and_unload
         return None
     weights, biases, lora_as, lora_bs, scalings = zip(*parts)
-    key = [(t.data_ptr(), t._version, t.dtype) for t in (*weights, *biases) if t is not None]
+    key = [(w.data_ptr(), w.shape, w.dtype) for w in weights]
     if stacked.get("key") != key:
         stacked.clear()
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
-        stacked.update(key=key, weight=torch.cat(weights), bias=bias)
+        weight = _stack_in_place(weights)
+        stacked.update(key=[(w.data_ptr(), w.shape, w.dtype) for w in weights], weight=weight)
+    bias = None
+    if any(b is not None for b in biases):  # small: concatenated per call
+        bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
     lora_a = torch.cat(lora_as)  # (Σ r, in)
     lora_b = torch.block_diag(*(b * s for b, s in zip(lora_bs, scalings)))  # (Σ out, Σ r)
-    out = _LoraLinear.apply(x, stacked["weight"], stacked["bias"], lora_a, lora_b, 1.0)
+    out = _LoraLinear.apply(x, stacked["weight"], bias, lora_a, lora_b, 1.0)
     return out.split([w.shape[0] for w in weights], dim=-1)
 
 
