@@ -5,8 +5,8 @@
 
 For deciding whether a change to the ops pays off: a 5% question that process-to-process noise
 (±3% on a shared 2-core machine) hides in end-to-end runs. Builds the end-to-end benchmark's
-tunesmith trainer (bench_e2e.build_trainer: SmolLM2-135M, LoRA r=16 on all linears, bf16, batch 4,
-the benchmark's data in its order), takes its first `--batches` micro-batches, and times
+tunesmith trainer (bench_e2e.build_trainer: SmolLM2-135M or `--shape`, LoRA r=16 on all linears,
+bf16, batch 4, the benchmark's data in its order, or `--doc-tokens` conversations), takes its first `--batches` micro-batches, and times
 `trainer.training_step` (forward + backward, no optimizer step) on each of them under every
 variant in turn, `--repeats` times, keeping each batch's best time. Prints non-padding tokens per
 second per variant after every repeat.
@@ -56,12 +56,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--examples", type=int, default=2000)
+    parser.add_argument("--shape", choices=["smollm2", "llama-1b", "llama-3b"], default="smollm2")
+    parser.add_argument("--doc-tokens", type=int, default=0, help="conversations of this many tokens")
+    parser.add_argument("--batch", type=int, default=0)
+    parser.add_argument("--accum", type=int, default=0)
     args = parser.parse_args()
     variants = json.loads(args.variants)
 
     import torch
 
-    trainer, _ = build_trainer("tunesmith", max_steps=10, n_examples=args.examples)
+    trainer, _ = build_trainer("tunesmith", max_steps=10, n_examples=args.examples, opts=args)
     batches = []
     for batch in trainer.get_train_dataloader():
         batches.append(batch)

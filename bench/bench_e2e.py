@@ -17,6 +17,17 @@ What is measured, identically for every contender:
 
 A run stops after `--seconds` of measured training (checked at every optimizer step) or
 `--max-steps`, whichever comes first.
+
+Bigger models and longer documents (issue 17), same contenders and measurements:
+- `--shape llama-1b` / `llama-3b`: a Llama-3.2-1B- / 3B-shaped model with random bf16 weights
+  (`bench/model_shapes.py`), built once and saved as safetensors under /tmp/tunesmith-bench/models,
+  loaded by every contender with `from_pretrained` (SmolLM2's tokenizer: its ids are < 49,152);
+- `--doc-tokens N`: instead of the instruction data, multi-turn conversations of exactly N tokens
+  (`instruction_data.long_conversations`), max length N, batch 1 x accumulation 2 unless told
+  (`--batch`, `--accum`); loss on every token (both trainers' default for conversations).
+Every run also measures this CPU's bf16 matmul peak (2048³, before training, same threads) and
+reports model FLOPs (`model_shapes.flops_per_token`, causal attention over the documents the
+collator saw) per second over it: `mfu`.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
 BATCH, ACCUM, MAX_LENGTH, LR, SEED = 4, 2, 1024, 2e-4, 42
+MODELS_DIR = Path("/tmp/tunesmith-bench/models")
 
 # contender -> (library, config overrides). "Tuned" TRL is what its docs recommend for speed:
 # BFD packing (which turns padding-free on) and no gradient checkpointing.
@@ -56,24 +68,55 @@ class TokenCounter:
         self.collator = collator
         self.tokens = 0
         self.slots = 0
+        self.squares = 0  # Σ n² over the documents, n their real tokens (for the attention FLOPs)
 
     def __call__(self, features):
         batch = self.collator(features)
         if "attention_mask" in batch:
-            self.tokens += int(batch["attention_mask"].sum())
+            lengths = batch["attention_mask"].sum(-1).tolist()
         else:  # padding-free: one row, whose last `padding_tokens` (tunesmith on CPU) are padding
-            self.tokens += int(batch["input_ids"].numel()) - int(batch.get("padding_tokens", 0))
+            real = int(batch["input_ids"].numel()) - int(batch.get("padding_tokens", 0))
+            starts = (batch["position_ids"][0, :real] == 0).nonzero().flatten().tolist() + [real]
+            lengths = [b - a for a, b in zip(starts, starts[1:])]
+        self.tokens += sum(lengths)
+        self.squares += sum(n * n for n in lengths)
         self.slots += int(batch["input_ids"].numel())
         return batch
 
 
-def bench_records(n: int):
-    from bench.instruction_data import make_dataset
+def bench_records(n: int, doc_tokens: int = 0):
+    from bench.instruction_data import long_conversations, make_dataset
 
+    if doc_tokens:
+        return long_conversations(n, doc_tokens, seed=SEED)
     return make_dataset(n, flavour="prompt_completion", seed=SEED)
 
 
-def build_trainer(contender: str, max_steps: int, n_examples: int):
+def model_dir(shape: str) -> Path:
+    """SmolLM2-135M-Instruct's directory, or a random-weight model of `shape` saved once (bf16
+    safetensors, SmolLM2's tokenizer beside it)."""
+    from tunesmith.models.load import default_model_path
+
+    if shape == "smollm2":
+        return Path(default_model_path())
+    path = MODELS_DIR / shape
+    if not (path / "config.json").exists():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+        from bench.model_shapes import SHAPES
+
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=torch.bfloat16)
+        tmp = path.with_name(path.name + ".tmp")
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(tmp)
+        del model
+        tmp.rename(path)
+    return path
+
+
+def build_trainer(contender: str, max_steps: int, n_examples: int, opts: argparse.Namespace):
     """The contender's trainer on the benchmark's model, LoRA, data and settings, and the
     TokenCounter around its data collator."""
     import torch
@@ -81,22 +124,21 @@ def build_trainer(contender: str, max_steps: int, n_examples: int):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.models.load import default_model_path
-
     library, overrides = CONTENDERS[contender]
     torch.manual_seed(SEED)
-    model_dir = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    dataset = Dataset.from_list(bench_records(n_examples))
+    path = model_dir(opts.shape)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    dataset = Dataset.from_list(bench_records(n_examples, opts.doc_tokens))
+    long = opts.doc_tokens > 0
     lora = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     common = dict(
         output_dir=f"/tmp/tunesmith-bench/{contender}",
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUM,
-        max_length=MAX_LENGTH,
+        per_device_train_batch_size=opts.batch or (1 if long else BATCH),
+        gradient_accumulation_steps=opts.accum or (2 if long else ACCUM),
+        max_length=opts.doc_tokens if long else MAX_LENGTH,
         learning_rate=LR,
         bf16=True,
         use_cpu=True,  # TrainingArguments refuses bf16 on a machine without a GPU unless told
@@ -108,6 +150,8 @@ def build_trainer(contender: str, max_steps: int, n_examples: int):
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    if long and library == "tunesmith":
+        common["assistant_only_loss"] = False  # TRL's default: the same loss on every token, the same work
     common.update(overrides)
     if library == "trl":
         from trl import SFTConfig, SFTTrainer
@@ -125,18 +169,21 @@ def build_trainer(contender: str, max_steps: int, n_examples: int):
     return trainer, counter
 
 
-def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examples: int) -> dict:
+def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examples: int, opts) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    trainer, counter = build_trainer(contender, max_steps, n_examples)
+    from bench.model_shapes import SHAPES, cpu_matmul_peak_gflops, flops_per_token
+
+    peak_gflops = cpu_matmul_peak_gflops()
+    trainer, counter = build_trainer(contender, max_steps, n_examples, opts)
     library, overrides = CONTENDERS[contender]
     record = {"steps": [], "losses": []}
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             now = time.perf_counter()
-            record["steps"].append((state.global_step, now, counter.tokens, counter.slots))
+            record["steps"].append((state.global_step, now, counter.tokens, counter.slots, counter.squares))
             if state.global_step > warmup and now - record["steps"][warmup][1] >= seconds:
                 control.should_training_stop = True
 
@@ -148,14 +195,23 @@ def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examp
     # get_train_dataloader is built lazily inside train(), after our collator swap
     trainer.train()
     steps = record["steps"]
-    (s0, t0, tok0, slot0), (s1, t1, tok1, slot1) = steps[warmup], steps[-1]
+    (s0, t0, tok0, slot0, sq0), (s1, t1, tok1, slot1, sq1) = steps[warmup], steps[-1]
+    tokens_per_s = (tok1 - tok0) / (t1 - t0)
+    # the attention term needs Σ n² / Σ n only: one "document" of that mean context stands for them
+    mean_context = round((sq1 - sq0) / max(tok1 - tok0, 1))
+    model_gflops = flops_per_token(SHAPES[opts.shape], [mean_context]) * tokens_per_s / 1e9
     return {
         "contender": contender,
         "library": library,
         "overrides": overrides,
+        "shape": opts.shape,
+        "doc_tokens": opts.doc_tokens,
         "measured_steps": s1 - s0,
         "seconds": t1 - t0,
-        "tokens_per_s": (tok1 - tok0) / (t1 - t0),
+        "tokens_per_s": tokens_per_s,
+        "matmul_peak_gflops": peak_gflops,
+        "model_gflops_per_s": model_gflops,
+        "mfu": model_gflops / peak_gflops,
         "padding_fraction": 1 - (tok1 - tok0) / max(slot1 - slot0, 1),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "losses": record["losses"],
@@ -167,15 +223,18 @@ def run_all(args) -> None:
     results: dict[str, list[dict]] = {c: [] for c in args.contenders}
     out_dir = HERE / "out"
     out_dir.mkdir(exist_ok=True)
+    tag = args.shape + (f"_{args.doc_tokens}" if args.doc_tokens else "")
+    model_dir(args.shape)  # built once here, before any contender's process
     for repeat in range(args.repeats):
         # alternate the order between repeats so that drift (thermal, other load) hits everyone
         order = args.contenders if repeat % 2 == 0 else list(reversed(args.contenders))
         for contender in order:
-            out = out_dir / f"e2e_{contender}_{repeat}.json"
+            out = out_dir / f"e2e_{tag}_{contender}_{repeat}.json"
             cmd = [
                 sys.executable, __file__, "one", "--contender", contender, "--seconds", str(args.seconds),
                 "--max-steps", str(args.max_steps), "--warmup", str(args.warmup), "--examples", str(args.examples),
-                "--out", str(out),
+                "--out", str(out), "--shape", args.shape, "--doc-tokens", str(args.doc_tokens),
+                "--batch", str(args.batch), "--accum", str(args.accum),
             ]  # fmt: skip
             print("running", " ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -185,26 +244,30 @@ def run_all(args) -> None:
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
             "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs),
             "padding_fraction": statistics.median(r["padding_fraction"] for r in runs),
+            "mfu": statistics.median(r["mfu"] for r in runs),
             "runs": len(runs),
         }
         for c, runs in results.items()
     }
-    (out_dir / "e2e_summary.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    (out_dir / f"e2e_{tag}_summary.json").write_text(
+        json.dumps({"summary": summary, "runs": results}, indent=1)
+    )
     print(format_table(summary))
-    plot(results, out_dir.parent / "e2e_cpu.png")
+    if tag == "smollm2":
+        plot(results, out_dir.parent / "e2e_cpu.png")
 
 
 def format_table(summary: dict) -> str:
     base = summary.get("trl_default")
     rows = [
-        "| contender | non-pad tokens/s | × TRL default | peak RSS (GB) | × TRL default | padding |",
-        "|---|---|---|---|---|---|",
+        "| contender | non-pad tokens/s | × TRL default | peak RSS (GB) | × TRL default | padding | MFU |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c, s in summary.items():
         speed = f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
         mem = f"{s['peak_rss_gb'] / base['peak_rss_gb']:.2f}" if base else "-"
         rows.append(
-            f"| {c} | {s['tokens_per_s']:.1f} | {speed} | {s['peak_rss_gb']:.2f} | {mem} | {s['padding_fraction']:.0%} |"
+            f"| {c} | {s['tokens_per_s']:.1f} | {speed} | {s['peak_rss_gb']:.2f} | {mem} | {s['padding_fraction']:.0%} | {s['mfu']:.0%} |"
         )
     return "\n".join(rows)
 
@@ -244,9 +307,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--shape", choices=["smollm2", "llama-1b", "llama-3b"], default="smollm2")
+    parser.add_argument("--doc-tokens", type=int, default=0, help="conversations of this many tokens")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="per-device batch (0: 4, or 1 with --doc-tokens)"
+    )
+    parser.add_argument("--accum", type=int, default=0, help="accumulation (0: 2)")
     args = parser.parse_args()
     if args.mode == "one":
-        result = run_one(args.contender, args.seconds, args.max_steps, args.warmup, args.examples)
+        result = run_one(args.contender, args.seconds, args.max_steps, args.warmup, args.examples, args)
         args.out.write_text(json.dumps(result))
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
     else:

@@ -112,6 +112,27 @@ def _messages(rng: random.Random, total: int) -> dict:
     return {"messages": messages}
 
 
+def long_conversations(n: int, tokens: int, *, seed: int = 42, pair_tokens: int = 512) -> list[dict]:
+    """`n` multi-turn conversations ("messages") of exactly `tokens` SmolLM2 tokens each (template
+    included): the template's default system prompt and user/assistant pairs of about
+    `pair_tokens`, each answer three times its question."""
+    rng = random.Random(seed)
+    pairs = max(1, tokens // pair_tokens)
+    content = tokens - OVERHEAD_DEFAULT_SYSTEM - OVERHEAD_PER_PAIR * (pairs - 1)
+    if content < 4 * pairs:
+        raise ValueError(f"long_conversations: {tokens} tokens is too short for {pairs} pairs")
+    rows = []
+    for _ in range(n):
+        budgets = [content // pairs + (1 if i < content % pairs else 0) for i in range(pairs)]
+        messages = []
+        for budget in budgets:
+            question = max(2, budget // 4)
+            messages.append({"role": "user", "content": _text(rng, question)})
+            messages.append({"role": "assistant", "content": _text(rng, budget - question)})
+        rows.append({"messages": messages})
+    return rows
+
+
 def _text(rng: random.Random, tokens: int) -> str:
     """Sentences of one-token words, each ending with "." (one token too): exactly `tokens` tokens."""
     sentences, left = [], tokens

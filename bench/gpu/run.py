@@ -55,12 +55,8 @@ for path in (str(ROOT / "src"), str(ROOT)):
         sys.path.insert(0, path)
 
 # Llama-3.2-1B's architecture (random weights: no download)
-LLAMA_1B = dict(
-    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-    rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    bos_token_id=1, eos_token_id=2, pad_token_id=0,
-)  # fmt: skip
+from bench.model_shapes import LLAMA_1B, flops_per_token  # noqa: E402
+
 # the dry run's toy: same code path, CPU-sized
 TOY = dict(LLAMA_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=4096)  # fmt: skip
@@ -287,27 +283,6 @@ def _make_model_and_data(args) -> tuple[Path, Path, dict]:
                     + "\n"
                 )
     return model_dir, data, {"shapes": shapes, "lengths": lengths}
-
-
-def flops_per_token(shapes: dict, lengths: list[int]) -> float:
-    """Model FLOPs per trained token of a LoRA step (the MFU convention: what the model needs, not what
-    recomputation adds). The frozen linear layers cost 2·N per token forward and 2·N backward (input
-    gradients only; no weight gradients), N = the matmul parameters including the LM head; the LoRA
-    adapters add 6·r·(in + out) per layer; causal attention over a document of n tokens costs 2·n²·d
-    forward per layer (QKᵀ and PV, half of each), twice that backward: 6·n²·d per layer in all, d =
-    heads · head_dim. Averaged over the documents' tokens: Σ n² / Σ n."""
-    h, i, layers = shapes["hidden_size"], shapes["intermediate_size"], shapes["num_hidden_layers"]
-    q, kv = (
-        shapes["num_attention_heads"] * shapes["head_dim"],
-        shapes["num_key_value_heads"] * shapes["head_dim"],
-    )
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
-    n_matmul = layers * per_layer + shapes["vocab_size"] * h
-    r = 16
-    lora = layers * 6 * r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
-    mean_ctx = sum(n * n for n in lengths) / sum(lengths)
-    attention = layers * 6 * mean_ctx * q
-    return 4 * n_matmul + lora + attention
 
 
 def matmul_peak_tflops() -> float:

@@ -296,3 +296,22 @@ def test_stacking_keeps_no_second_copy_of_the_frozen_weights():
     loaded = load(save({k: v.contiguous() for k, v in state.items()}))
     for k, v in state.items():
         assert torch.equal(loaded[k], v), k
+
+
+def test_projections_wider_than_the_stacking_limit_run_separately(monkeypatch):
+    # above STACK_MAX_IN_FEATURES inputs the projections are not stacked (it does not pay there):
+    # None (the caller runs each layer) and nothing cached; the tiny model's 64 inputs are stacked
+    # under the default limit
+    from tests.tiny import tiny_model
+    from tunesmith.ops import lora as lora_ops
+
+    torch.manual_seed(3)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    optimize(model, swaps=("lora",))
+    attention = model.base_model.model.model.layers[0].self_attn
+    layers, stacked, x = (attention.q_proj, attention.v_proj), {}, torch.randn(1, 5, 64)
+    assert lora_ops.STACK_MAX_IN_FEATURES >= 64
+    assert lora_ops.lora_projections(x, layers, stacked) is not None and "weight" in stacked
+    monkeypatch.setattr(lora_ops, "STACK_MAX_IN_FEATURES", 63)
+    assert lora_ops.lora_projections(x, layers, stacked) is None
+    assert stacked == {}

@@ -26,7 +26,8 @@ does one big matmul and one LoRA update instead of one per projection, and the i
 accumulated in one buffer. The frozen weights are stacked *in place*: they are copied once into
 one tensor and each layer's weight becomes its slice of it (`Parameter.data`, the same Parameter
 objects, so state_dict, merging and saving see the same values), so there is no second copy of
-them. CPU-only, where per-call overheads dominate small matmuls.
+them. CPU-only, where per-call overheads dominate small matmuls, and only for projections of at
+most `STACK_MAX_IN_FEATURES` inputs.
 """
 
 from __future__ import annotations
@@ -105,6 +106,13 @@ def lora_delta(x, lora_a, lora_b, scaling: float):
     return _LoraLinear.apply(x, None, None, lora_a, lora_b, float(scaling))
 
 
+# Stack only projections of at most this many input features (None: all): the fewer, larger
+# matmuls pay where per-call overheads are a large share of small ones (SmolLM2's 576), not at
+# Llama-3.2-1B's 2,048 (bench/RESULTS.md), and the stacked weights cost memory where the model was
+# memory-mapped from its file (the file's pages stay mapped beside the stacked tensor).
+STACK_MAX_IN_FEATURES: int | None = 1024
+
+
 def _stack_in_place(weights) -> torch.Tensor:
     """One (Σ out, in) tensor holding `weights` end to end, each of which becomes its slice of it
     (`.data` reassigned: the same Parameter objects, no second copy kept). When they already are
@@ -146,6 +154,9 @@ def lora_projections(x, layers, stacked: dict) -> tuple[torch.Tensor, ...] | Non
         stacked.clear()  # e.g. after merge_and_unload
         return None
     weights, biases, lora_as, lora_bs, scalings = zip(*parts)
+    if STACK_MAX_IN_FEATURES is not None and weights[0].shape[1] > STACK_MAX_IN_FEATURES:
+        stacked.clear()
+        return None
     key = [(w.data_ptr(), w.shape, w.dtype) for w in weights]
     if stacked.get("key") != key:
         stacked.clear()
