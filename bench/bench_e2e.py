@@ -58,6 +58,8 @@ CONTENDERS = {
     "trl_tuned": ("trl", {"packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False}),
     "tunesmith": ("tunesmith", {}),
     "tunesmith_packed": ("tunesmith", {"packing": True}),
+    # the memory end of the trade-off: every decoder layer checkpointed
+    "tunesmith_checkpoint": ("tunesmith", {"memory_policy": "checkpoint"}),
 }
 
 
@@ -300,7 +302,9 @@ def main() -> None:
     )
     parser.add_argument("mode", choices=["one", "all"])
     parser.add_argument("--contender", choices=list(CONTENDERS))
-    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS))
+    parser.add_argument(
+        "--contenders", nargs="+", default=[c for c in CONTENDERS if c != "tunesmith_checkpoint"]
+    )
     parser.add_argument("--seconds", type=float, default=150.0, help="measured training time per run")
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from timing")

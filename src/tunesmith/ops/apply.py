@@ -15,8 +15,8 @@ What is swapped, for the architectures we know (Llama, Mistral, Qwen2, Qwen3, Ge
   copy shares the original's parameter, buffer and submodule dicts, so nothing is duplicated.
 
 With "lora" on the CPU, the swapped attention and MLP modules also run their q/k/v and gate/up
-LoRA projections as one (`ops.lora.lora_projections`), keeping a stacked copy of those frozen
-weights. Nothing is patched: no class, function or `forward` of transformers is changed;
+LoRA projections as one (`ops.lora.lora_projections`, which stacks those frozen weights in place,
+without a second copy). Nothing is patched: no class, function or `forward` of transformers is changed;
 `unoptimize` puts the original module objects back. All swaps are on by default on both device
 types (`DEFAULT_SWAPS`, the same on each; measured in bench/RESULTS.md, "Kernels"): on CUDA for the
 Triton kernels; on the CPU "lora" is faster, "rms_norm" keeps ~18% fewer activations at ~1% of the time, and the
