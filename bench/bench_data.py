@@ -53,7 +53,7 @@ def ensure_tokenizer() -> Path:
     return TOKENIZER_DIR
 
 
-def run_one(contender: str, flavour: str, n: int) -> dict:
+def run_one(contender: str, flavour: str, n: int, num_proc: int | None = None) -> dict:
     """Prepare the dataset once in this process; returns timings and what came out."""
     from bench.instruction_data import make_dataset
 
@@ -72,7 +72,14 @@ def run_one(contender: str, flavour: str, n: int) -> dict:
             dataset.select(range(10)), tokenizer, max_length=MAX_LENGTH, packing=True, cache_dir=False
         )
         start, cpu_start = time.perf_counter(), time.process_time()
-        prepared = prepare_dataset(dataset, tokenizer, max_length=MAX_LENGTH, packing=True, cache_dir=False)
+        prepared = prepare_dataset(
+            dataset,
+            tokenizer,
+            max_length=MAX_LENGTH,
+            packing=True,
+            cache_dir=False,
+            dataset_num_proc=num_proc,
+        )
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         out = prepared.dataset
     else:
@@ -97,6 +104,7 @@ def run_one(contender: str, flavour: str, n: int) -> dict:
         "trained_tokens": trained,
         "efficiency": sum(lengths) / (len(lengths) * MAX_LENGTH),
         "columns": out.column_names,
+        "num_proc": num_proc,
     }
 
 
@@ -245,6 +253,7 @@ def main() -> None:
     one.add_argument("--flavour", choices=FLAVOURS, required=True)
     one.add_argument("--n", type=int, default=N_EXAMPLES)
     one.add_argument("--out", type=Path, required=True)
+    one.add_argument("--num-proc", type=int, help="tunesmith: dataset_num_proc (tokenize in processes)")
     every = sub.add_parser("all", help="every contender and flavour, each run in a fresh process")
     every.add_argument("--repeats", type=int, default=2)
     every.add_argument("--n", type=int, default=N_EXAMPLES)
@@ -252,7 +261,7 @@ def main() -> None:
     every.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     if args.command == "one":
-        result = run_one(args.contender, args.flavour, args.n)
+        result = run_one(args.contender, args.flavour, args.n, args.num_proc)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result))
     else:
