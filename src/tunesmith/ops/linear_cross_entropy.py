@@ -32,7 +32,8 @@ from tunesmith.ops.linear_cross_entropy_chunk import _chunk_loss_and_grad, _chun
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "default_chunk_size"]
 
 _REDUCTIONS = ("sum", "mean", "none")
-_IMPLS = ("auto", "chunked", "reference", "triton")
+# "torch" is "chunked" under the name the other ops give their PyTorch path (ops._triton.IMPLS)
+_IMPLS = ("auto", "chunked", "reference", "torch", "triton")
 
 # Budget for one chunk's fp32 logits. Several tensors of this size live at once inside a chunk
 # (the input-dtype logits, the fp32 softmax/grad, its input-dtype copy for the two matmuls), so the
@@ -96,7 +97,7 @@ def linear_cross_entropy(
         reduction: "sum" (default: the trainer divides by the supervised tokens of the whole
             optimizer step), "mean" (over supervised tokens; 0 when there are none) or "none"
             (fp32 tensor shaped like `targets`, 0 at ignored positions).
-        impl: "chunked" (PyTorch, CPU and CUDA), "triton" (the same chunks, with the softmax and
+        impl: "chunked" (PyTorch, CPU and CUDA; "torch" is the same), "triton" (the same chunks, with the softmax and
             its gradient in one Triton kernel that overwrites the logits in place: no fp32 (chunk, V)
             buffer; CUDA, or CPU under TRITON_INTERPRET=1), "reference" (full logits +
             F.cross_entropy, for tests), "auto" (triton on CUDA once the kernel has passed its
@@ -147,7 +148,7 @@ def linear_cross_entropy(
     chunk_fn = _chunk_loss_and_grad
     # "auto": the Triton kernel on CUDA once it has passed its device check (ops.selfcheck; its
     # speed against the chunked path is measured by bench/gpu, not yet run), else the chunked path
-    if impl != "chunked":
+    if impl not in ("chunked", "torch"):
         check = _check(
             hidden.device,
             weight.shape[0],
