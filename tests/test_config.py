@@ -205,3 +205,22 @@ def test_unknown_key_without_a_close_match_points_at_the_listing(tmp_path):
         load_config({"zzzzqqq": 1})
     with pytest.raises(ConfigError, match=r"`tunesmith config --list --section lora` lists the valid keys"):
         load_config({"lora": {"zzzzqqq": 1}})
+
+
+def test_one_yaml_reader_for_load_config_and_the_cli(tmp_path):
+    from tunesmith.cli.run_config import UsageError, read_run_config
+    from tunesmith.config.yaml import read_yaml_mapping
+
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    message = f"{listed}: the top level must be a mapping of keys to values, got list"
+    with pytest.raises(ConfigError) as config_error:
+        load_config(listed)
+    with pytest.raises(UsageError) as usage_error:
+        read_run_config(listed)
+    assert str(usage_error.value) == message and message in str(config_error.value)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert read_yaml_mapping(empty) == {}
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path)  # a folder is not a config file

@@ -2,6 +2,7 @@
 metrics, saving, the NaN guard."""
 
 import json
+import math
 import warnings
 
 import pytest
@@ -494,3 +495,28 @@ def test_progress_lines_only_leaves_one_progress_display(tmp_path):
     progress_lines_only(trainer)  # twice: still one line display
     assert ProgressCallback not in kinds() and PrinterCallback not in kinds()
     assert kinds().count(ProgressLineCallback) == 1
+
+
+def test_token_weighted_metrics_from_the_sums():
+    from tunesmith.loss import eval_metrics, train_log_metrics
+
+    # 8 supervised tokens, loss sum 4 -> mean 0.5; 6 correct; entropy sum 2
+    metrics = eval_metrics([4.0, 6.0, 8.0, 2.0], "eval", log_entropy=True)
+    assert metrics == {
+        "eval_loss": 0.5,
+        "eval_mean_token_accuracy": 0.75,
+        "eval_entropy": 0.25,
+        "eval_perplexity": pytest.approx(math.exp(0.5)),
+        "eval_num_supervised_tokens": 8,
+    }
+    assert eval_metrics([0.0, 0.0, 0.0, 0.0], "eval", log_entropy=True) == {}  # nothing supervised
+    # running totals continue from the last log; 20 tokens in 2 s
+    logs = train_log_metrics(
+        [4.0, 6.0, 8.0, 20.0, 2.0], {"num_tokens": 100, "num_supervised_tokens": 30}, 2.0, False
+    )
+    assert logs == {
+        "mean_token_accuracy": 0.75,
+        "num_tokens": 120,
+        "num_supervised_tokens": 38,
+        "tokens_per_second": 10.0,
+    }

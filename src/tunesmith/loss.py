@@ -1,7 +1,10 @@
 """The trainer's loss helpers: final hidden states without logits, the plain full-logits loss, the LM
-head's effective weights through PEFT, and the per-log token counters."""
+head's effective weights through PEFT, the per-log token counters and the token-weighted metrics
+read from their sums."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -155,6 +158,35 @@ class TokenCounters:
 
     def reset(self):
         self._sums.zero_()
+
+
+def train_log_metrics(totals: list[float], last: dict, seconds: float, log_entropy: bool) -> dict:
+    """A training log's token metrics from the `TokenCounters` sums since the last log (reduced over
+    processes) and the last log that had running totals (`last`, {} at the start)."""
+    loss_sum, correct, supervised, tokens, entropy = totals
+    logs = {"mean_token_accuracy": correct / supervised if supervised else 0.0}
+    if log_entropy:  # mean entropy of the predicted next-token distribution (as TRL)
+        logs["entropy"] = entropy / supervised if supervised else 0.0
+    logs["num_tokens"] = last.get("num_tokens", 0) + int(tokens)
+    logs["num_supervised_tokens"] = last.get("num_supervised_tokens", 0) + int(supervised)
+    logs["tokens_per_second"] = round(tokens / max(seconds, 1e-9), 2)
+    return logs
+
+
+def eval_metrics(totals: list[float], prefix: str, log_entropy: bool) -> dict:
+    """Eval metrics weighted by tokens from the sums over every eval batch (loss, correct tokens,
+    supervised tokens, entropy); {} when nothing was supervised. Trainer's own eval loss is a mean of
+    per-batch means, which depends on the batch size; this is the mean over tokens."""
+    loss_sum, correct, supervised, entropy = totals
+    if supervised <= 0:
+        return {}
+    eval_loss = loss_sum / supervised
+    metrics = {f"{prefix}_loss": eval_loss, f"{prefix}_mean_token_accuracy": correct / supervised}
+    if log_entropy:
+        metrics[f"{prefix}_entropy"] = entropy / supervised
+    metrics[f"{prefix}_perplexity"] = math.exp(min(eval_loss, 700.0))
+    metrics[f"{prefix}_num_supervised_tokens"] = int(supervised)
+    return metrics
 
 
 def loss_impl(args: SFTConfig) -> str:

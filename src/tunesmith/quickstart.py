@@ -206,9 +206,10 @@ def run_quickstart(
     """
     import time
 
+    from tunesmith.build.tokenizer import load_by_name
     from tunesmith.callbacks import no_save_progress_bars, progress_lines_only
     from tunesmith.config import load_config
-    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.models.load import load_model
     from tunesmith.report import MetricsCallback, Sample, markdown_table, write_report
     from tunesmith.trainer import SFTTrainer
 
@@ -230,7 +231,7 @@ def run_quickstart(
         f"  {len(splits.train)} training examples, {len(splits.heldout)} held-out dates, output in {config.output_dir}"
     )
     threads_for_a_busy_cpu(out)
-    tokenizer = load_tokenizer(config.model_name_or_path)
+    tokenizer = load_by_name(config.model_name_or_path, config, vision=False)
     model = load_model(config.model_name_or_path, dtype=config.model_dtype)
 
     out("measuring the model before training ...")

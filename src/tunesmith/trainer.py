@@ -21,30 +21,18 @@ loss's memory saving.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from tunesmith.build.collator import WithExampleIndex, build_collator
-from tunesmith.build.config import (
-    apply_old_kwargs,
-    as_sft_config,
-    check_before_work,
-    fall_back_from_bitsandbytes,
-    seed_everything,
-)
-from tunesmith.build.data import build_datasets, build_eval, no_batch_dispatch_for_streams
-from tunesmith.build.model import build_model, set_batch_attention
+from tunesmith.build.callbacks import build_callbacks
+from tunesmith.build.config import build_args
+from tunesmith.build.data import build_data, build_eval
+from tunesmith.build.model import build_model
 from tunesmith.build.tokenizer import build_tokenizer
-from tunesmith.callbacks import (
-    NonFiniteLossGuard,
-    ReleaseHostMemoryCallback,
-    SampleGenerationCallback,
-    SignalCheckpointCallback,
-)
+from tunesmith.callbacks import NonFiniteLossGuard
 from tunesmith.common import IGNORE_INDEX
 from tunesmith.config import SFTConfig
 from tunesmith.evaluation import wire_generation_eval
@@ -52,24 +40,20 @@ from tunesmith.loss import (
     FORWARD_KEYS,
     TokenCounters,
     ensure_shift_labels,
+    eval_metrics,
     final_hidden_states,
     final_logit_softcap,
     lm_head_parameters,
     logits_loss_sum,
     loss_impl,
     real_tokens,
+    train_log_metrics,
 )
 from tunesmith.saving import CrashSafeSaving
 
 __all__ = ["SFTTrainer", "UnslothTrainer", "final_hidden_states", "lm_head_parameters", "logits_loss_sum"]
 
 logger = logging.getLogger(__name__)
-
-
-# Columns of a prepared dataset that the collators read (Trainer drops any other column).
-_DATASET_COLUMNS = ["input_ids", "labels", "seq_lengths", "example_index", "attention_mask", "position_ids"]
-# ... and the rows of a prepared vision dataset (data.vision.VisionDataset)
-_VISION_ROW_COLUMNS = ["text", "text_ids", "trained", "images", "image_sizes", "length", "image_tokens"]
 
 
 class SFTTrainer(CrashSafeSaving, Trainer):
@@ -100,50 +84,25 @@ class SFTTrainer(CrashSafeSaving, Trainer):
         formatting_func=None,
         **old_kwargs,
     ):
-        args = as_sft_config(args, model)
-        max_length_given = "max_seq_length" in old_kwargs
-        processing_class = apply_old_kwargs(args, processing_class, old_kwargs)
-        check_before_work(args, train_dataset, formatting_func)
-        model_max_length = getattr(model, "max_seq_length", None)  # set by FastLanguageModel
-        if model_max_length and args.max_length == SFTConfig.max_length and not max_length_given:
-            logger.info("using the model's max_seq_length=%d as max_length", model_max_length)
-            args.max_length = int(model_max_length)
-        fall_back_from_bitsandbytes(args)
-
-        # Seed before anything random is made (LoRA's initialisation, a model loaded by name), not only in
-        # Trainer.__init__ below, which runs after: two runs of one config then agree from step 1.
-        seed_everything(args)
+        args, processing_class = build_args(
+            args, model, processing_class, train_dataset, formatting_func, old_kwargs
+        )
         model, self.memory_policy = build_model(model, args, peft_config)
         processing_class = build_tokenizer(processing_class, model, args)
-        skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
+        data = build_data(
+            train_dataset, eval_dataset, data_collator, model, processing_class, args, formatting_func
+        )
         # what prepare_dataset did to each split (examples in/out, truncated, dropped, how files were read)
-        self.data_stats: dict = {}
-        # TRL's vision recipe: a processor and the user's own collator, which reads the raw rows
-        from tunesmith.data.vision import is_processor
-
-        raw_vision = data_collator is not None and is_processor(processing_class)
-        skip_prepare = skip_prepare or raw_vision
-        if not skip_prepare:
-            train_dataset, eval_dataset = build_datasets(
-                train_dataset, eval_dataset, processing_class, args, formatting_func, stats=self.data_stats
-            )
-        self.mixture_stats = getattr(
-            train_dataset, "mixture_stats", None
-        )  # several sources: per-source lines
+        self.data_stats, self.mixture_stats = data.stats, data.mixture_stats
         # evaluate(eval_dataset=raw) prepares it as the constructor's eval_dataset
-        self._formatting_func, self._skip_prepare = formatting_func, skip_prepare
-        if data_collator is None:
-            set_batch_attention(model, processing_class, args)
-            data_collator = build_collator(processing_class, args)
-        no_batch_dispatch_for_streams(args, train_dataset, eval_dataset)
-        data_collator = WithExampleIndex(data_collator)
+        self._formatting_func, self._skip_prepare = formatting_func, data.skip_prepare
 
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
+            data_collator=data.data_collator,
+            train_dataset=data.train_dataset,
+            eval_dataset=data.eval_dataset,
             processing_class=processing_class,
             compute_metrics=compute_metrics,
             callbacks=callbacks,
@@ -156,30 +115,18 @@ class SFTTrainer(CrashSafeSaving, Trainer):
         # our compute_loss divides by it, so the loss is already scaled for gradient accumulation.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
-        if not skip_prepare:
-            self._signature_columns = list(_DATASET_COLUMNS) + list(_VISION_ROW_COLUMNS)
-        elif raw_vision:  # the user's collator gets every column (messages, images, ...)
-            self._signature_columns = (
-                list(getattr(train_dataset, "column_names", None) or []) + _DATASET_COLUMNS
-            )
+        if data.signature_columns is not None:
+            self._signature_columns = data.signature_columns
         self.nonfinite_guard = NonFiniteLossGuard()
         self._step_rows: list[int] = []
-        self._signal_stop = SignalCheckpointCallback()
-        self.add_callback(self._signal_stop)
-        if self.args.device.type == "cpu":
-            self.add_callback(ReleaseHostMemoryCallback())
-        if args.sample_prompts:
-            self.add_callback(
-                SampleGenerationCallback(
-                    args.sample_prompts,
-                    args.sample_max_new_tokens,
-                    chat_template_kwargs=args.chat_template_kwargs,
-                )
-            )
+        own_callbacks = build_callbacks(args, self.args.device)
+        self._signal_stop = own_callbacks[0]  # SignalCheckpointCallback: `stopped_by` reads it
+        for callback in own_callbacks:
+            self.add_callback(callback)
         self._window = TokenCounters(self.args.device)
         self._window_start = time.perf_counter()
         self._eval_totals: torch.Tensor | None = None
-        self.generation_eval = wire_generation_eval(self, args, skip_prepare)
+        self.generation_eval = wire_generation_eval(self, args, data.skip_prepare)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Trainer.train; `resume_from_checkpoint=True` takes the newest *complete* checkpoint in
@@ -301,24 +248,11 @@ class SFTTrainer(CrashSafeSaving, Trainer):
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
-            loss_sum, correct, supervised, entropy = self.accelerator.reduce(
-                self._eval_totals, reduction="sum"
-            ).tolist()
+            totals = self.accelerator.reduce(self._eval_totals, reduction="sum").tolist()
         finally:
             self._eval_totals = None
-        if supervised > 0:
-            # Trainer's eval loss is a mean of per-batch means, which depends on the batch size;
-            # this is the mean over tokens.
-            eval_loss = loss_sum / supervised
-            output.metrics[f"{metric_key_prefix}_loss"] = eval_loss
-            output.metrics[f"{metric_key_prefix}_mean_token_accuracy"] = correct / supervised
-            if self.args.log_entropy:
-                output.metrics[f"{metric_key_prefix}_entropy"] = entropy / supervised
-            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(eval_loss, 700.0))
-            output.metrics[f"{metric_key_prefix}_num_supervised_tokens"] = int(supervised)
-        if (
-            getattr(self, "generation_eval", None) is not None
-        ):  # eval_generation: exact match and chrF of greedy answers
+        output.metrics.update(eval_metrics(totals, metric_key_prefix, self.args.log_entropy))
+        if getattr(self, "generation_eval", None) is not None:  # eval_generation: exact match, chrF
             output.metrics.update(
                 self.generation_eval.run(
                     self.model,
@@ -355,18 +289,11 @@ class SFTTrainer(CrashSafeSaving, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: every process gets here together, so we can reduce
-            loss_sum, correct, supervised, tokens, entropy = self.accelerator.reduce(
-                self._window.totals(), "sum"
-            ).tolist()
+            totals = self.accelerator.reduce(self._window.totals(), "sum").tolist()
             now = time.perf_counter()
             # running totals continue from the last log (also the one restored from a checkpoint)
             last = next((e for e in reversed(self.state.log_history) if "num_tokens" in e), {})
-            logs["mean_token_accuracy"] = correct / supervised if supervised else 0.0
-            if self.args.log_entropy:  # mean entropy of the predicted next-token distribution (as TRL)
-                logs["entropy"] = entropy / supervised if supervised else 0.0
-            logs["num_tokens"] = last.get("num_tokens", 0) + int(tokens)
-            logs["num_supervised_tokens"] = last.get("num_supervised_tokens", 0) + int(supervised)
-            logs["tokens_per_second"] = round(tokens / max(now - self._window_start, 1e-9), 2)
+            logs.update(train_log_metrics(totals, last, now - self._window_start, self.args.log_entropy))
             self._window.reset()
             self._window_start = now
         super().log(logs, start_time)

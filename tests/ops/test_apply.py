@@ -35,7 +35,7 @@ def _expected_counts(model):
     return {
         "rms_norm": sum(n.endswith("RMSNorm") for n in names),
         "mlp": sum(n.endswith("MLP") for n in names),
-        "rope": sum(n.endswith("Attention") for n in names),
+        "attention": sum(n.endswith("Attention") for n in names),
     }
 
 
@@ -52,7 +52,7 @@ def test_reference_swaps_leave_logits_and_grads_bit_identical_and_are_reversible
 
     # 2 layers: 2 MLPs, 2 attentions; 5 norms (2 per layer + final), more for Gemma2 and q/k norms
     assert dict(report.swapped) == expected == dict(optimized_kinds(model))
-    assert expected["mlp"] == 2 and expected["rope"] == 2 and expected["rms_norm"] >= 5
+    assert expected["mlp"] == 2 and expected["attention"] == 2 and expected["rms_norm"] >= 5
     assert list(model.state_dict()) == keys
     assert all(p is params[n] for n, p in model.named_parameters())
     after = _logits_and_grads(model)
@@ -97,7 +97,7 @@ def test_peft_lora_model(order):
     if order == "lora_then_optimize":
         model = _lora(tiny_model("llama"))
         report = optimize(model, impl="reference", swaps=KERNEL_KINDS)
-        assert dict(report.swapped) == {"rms_norm": 5, "mlp": 2, "rope": 2}
+        assert dict(report.swapped) == {"rms_norm": 5, "mlp": 2, "attention": 2}
     else:
         base = tiny_model("llama")
         optimize(base, impl="reference", swaps=KERNEL_KINDS)
@@ -130,10 +130,12 @@ def test_default_on_cpu_swaps_every_kind_and_logs_it(caplog):
     model = tiny_model("llama")  # no LoRA layers: norms, MLPs and attentions
     with caplog.at_level(logging.INFO, logger="tunesmith.ops.apply"):
         report = optimize(model)
-    expected = {"rms_norm": 5, "mlp": 2, "rope": 2}
+    expected = {"rms_norm": 5, "mlp": 2, "attention": 2}
     assert report.swapped == expected and optimized_kinds(model) == expected
     assert report.skipped == {}
-    assert any("swapped 2 mlp, 5 rms_norm, 2 rope" in r.getMessage() for r in caplog.records), caplog.text
+    assert any("swapped 2 attention, 2 mlp, 5 rms_norm" in r.getMessage() for r in caplog.records), (
+        caplog.text
+    )
 
 
 def test_unknown_architecture_runs_unchanged_with_one_log_line(caplog):
@@ -167,6 +169,14 @@ def test_mlp_with_an_activation_we_have_no_kernel_for_is_left_alone():
     assert report.swapped["mlp"] == 0 and report.swapped["rms_norm"] == 5
     assert report.skipped == {"LlamaMLP": "activation ReLU has no fused kernel"}
     assert str(report).splitlines() == [
-        "optimize(llama on cpu, impl=reference): swapped 5 rms_norm, 2 rope",
+        "optimize(llama on cpu, impl=reference): swapped 2 attention, 5 rms_norm",
         "  left unchanged: LlamaMLP: activation ReLU has no fused kernel",
     ]
+
+
+def test_rope_is_still_accepted_as_the_attention_swap():
+    # "rope" was the attention swap's name before it was named for what it replaces
+    model = tiny_model("llama")
+    report = optimize(model, impl="reference", swaps=("rope",))
+    assert report.swapped == {"attention": 2} and optimized_kinds(model) == {"attention": 2}
+    assert optimize(model, impl="reference", swaps=("rope", "attention")).total == 0  # already swapped

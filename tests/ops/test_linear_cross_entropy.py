@@ -311,3 +311,12 @@ def test_entropy_backward_leaves_the_gradients_unchanged():
     without = torch.autograd.grad(loss, [hidden, weight, bias])
     for a, b in zip(with_entropy, without):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_torch_is_the_chunked_path():
+    # "torch" names the PyTorch path in every op (ops._triton.IMPLS); for the loss that is "chunked"
+    hidden, weight, bias, targets = make(n=40, h=16, v=50)
+    chunked = run("chunked", hidden, weight, bias, targets, chunk_size=8)
+    torch_ = run("torch", hidden, weight, bias, targets, chunk_size=8)
+    assert torch.equal(torch_[0], chunked[0]) and torch.equal(torch_[1], chunked[1])
+    assert all(torch.equal(a, b) for a, b in zip(torch_[2], chunked[2]))

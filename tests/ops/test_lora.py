@@ -131,11 +131,11 @@ def test_optimize_swaps_lora_layers_on_cpu_by_default_and_unoptimize_restores():
 
     model = tiny_lora_model(torch.float32)
     keys = list(model.state_dict())
-    assert set(DEFAULT_SWAPS) == {"lora", "rms_norm", "mlp", "rope"}  # bench/RESULTS.md, "Kernels"
+    assert set(DEFAULT_SWAPS) == {"lora", "rms_norm", "mlp", "attention"}  # bench/RESULTS.md, "Kernels"
     report = optimize(model)  # the model is on the CPU
     # 14 LoRA linears; 5 norms (2 per layer and the final one); 2 MLPs and 2 attentions
-    assert report.swapped == {"lora": 14, "rms_norm": 5, "mlp": 2, "rope": 2}
-    assert optimized_kinds(model) == {"lora": 14, "rms_norm": 5, "mlp": 2, "rope": 2}
+    assert report.swapped == {"lora": 14, "rms_norm": 5, "mlp": 2, "attention": 2}
+    assert optimized_kinds(model) == {"lora": 14, "rms_norm": 5, "mlp": 2, "attention": 2}
     assert list(model.state_dict()) == keys
     assert unoptimize(model) == 23
     assert not any(isinstance(m, FastLoraLinear) for m in model.modules())

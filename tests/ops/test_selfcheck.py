@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 from tests.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 from tunesmith.ops import _triton, selfcheck  # noqa: E402
-from tunesmith.ops import linear_cross_entropy as lce_module  # noqa: E402
+from tunesmith.ops import linear_cross_entropy_chunk as lce_module  # noqa: E402  (holds the loss kernel)
 from tunesmith.ops import rms_norm as rms_module  # noqa: E402
 from tunesmith.ops import rope as rope_module  # noqa: E402
 from tunesmith.ops import swiglu as glu_module  # noqa: E402

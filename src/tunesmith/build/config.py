@@ -1,5 +1,5 @@
 """Building the trainer's config: TrainingArguments or None to an SFTConfig, TRL's old keyword arguments,
-the checks made before anything loads, the optimizer fallback and the seed."""
+the checks made before anything loads, the optimizer fallback and the seed (`build_args` does them all)."""
 
 from __future__ import annotations
 
@@ -116,3 +116,22 @@ def seed_everything(args: SFTConfig) -> None:
         enable_full_determinism(args.seed)
     else:
         set_seed(args.seed)
+
+
+def build_args(args, model, processing_class, train_dataset, formatting_func, old_kwargs: dict):
+    """SFTTrainer's `args` as an SFTConfig, with TRL's old keyword arguments applied, the checks made
+    before anything loads, `max_length` taken from a FastLanguageModel's `max_seq_length` (unless
+    given), the bitsandbytes optimizer fallback and the seed. Returns (args, processing_class)."""
+    args = as_sft_config(args, model)
+    max_length_given = "max_seq_length" in old_kwargs
+    processing_class = apply_old_kwargs(args, processing_class, old_kwargs)
+    check_before_work(args, train_dataset, formatting_func)
+    model_max_length = getattr(model, "max_seq_length", None)  # set by FastLanguageModel
+    if model_max_length and args.max_length == SFTConfig.max_length and not max_length_given:
+        logger.info("using the model's max_seq_length=%d as max_length", model_max_length)
+        args.max_length = int(model_max_length)
+    fall_back_from_bitsandbytes(args)
+    # Seed before anything random is made (LoRA's initialisation, a model loaded by name), not only in
+    # Trainer.__init__, which runs after: two runs of one config then agree from step 1.
+    seed_everything(args)
+    return args, processing_class

@@ -1,13 +1,71 @@
-"""Building the datasets: the train and eval splits (or a mixture of sources) through the data pipeline."""
+"""Building the datasets: the train and eval splits (or a mixture of sources) through the data pipeline,
+and with them the collator and the columns Trainer keeps (`build_data` does it all)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 from tunesmith.config import SFTConfig, notice_once
 from tunesmith.data.settings import DataSettings
 
 logger = logging.getLogger("tunesmith.trainer")
+
+# Columns of a prepared dataset that the collators read (Trainer drops any other column).
+DATASET_COLUMNS = ["input_ids", "labels", "seq_lengths", "example_index", "attention_mask", "position_ids"]
+# ... and the rows of a prepared vision dataset (data.vision.VisionDataset)
+VISION_ROW_COLUMNS = ["text", "text_ids", "trained", "images", "image_sizes", "length", "image_tokens"]
+
+
+@dataclass
+class BuiltData:
+    """What `build_data` hands to Trainer's constructor, and what the trainer keeps of it."""
+
+    train_dataset: object
+    eval_dataset: object
+    data_collator: object  # wrapped in WithExampleIndex
+    skip_prepare: bool  # the datasets were not prepared (skip_prepare_dataset, or TRL's raw vision recipe)
+    signature_columns: list[str] | None  # the columns Trainer keeps; None: Trainer's own choice
+    stats: dict = field(default_factory=dict)  # per split: examples in/out, truncated, dropped, file reads
+    mixture_stats: object = None  # several sources: per-source lines
+
+
+def build_data(
+    train_dataset, eval_dataset, data_collator, model, tokenizer, args: SFTConfig, formatting_func
+):
+    """The prepared splits and the collator. A user's collator with a processor is TRL's vision recipe:
+    it reads the raw rows, so nothing is prepared and every column is kept. Without a collator the
+    default one is built, after switching the model to the attention its batches need."""
+    from tunesmith.build.collator import WithExampleIndex, build_collator
+    from tunesmith.build.model import set_batch_attention
+    from tunesmith.data.vision import is_processor
+
+    raw_vision = data_collator is not None and is_processor(tokenizer)
+    skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset")) or raw_vision
+    stats: dict = {}
+    if not skip_prepare:
+        train_dataset, eval_dataset = build_datasets(
+            train_dataset, eval_dataset, tokenizer, args, formatting_func, stats=stats
+        )
+    if data_collator is None:
+        set_batch_attention(model, tokenizer, args)
+        data_collator = build_collator(tokenizer, args)
+    no_batch_dispatch_for_streams(args, train_dataset, eval_dataset)
+    if not skip_prepare:
+        columns = DATASET_COLUMNS + VISION_ROW_COLUMNS
+    elif raw_vision:  # the user's collator gets every column (messages, images, ...)
+        columns = list(getattr(train_dataset, "column_names", None) or []) + DATASET_COLUMNS
+    else:
+        columns = None
+    return BuiltData(
+        train_dataset,
+        eval_dataset,
+        WithExampleIndex(data_collator),
+        skip_prepare,
+        columns,
+        stats,
+        getattr(train_dataset, "mixture_stats", None),
+    )
 
 
 def build_datasets(train_dataset, eval_dataset, tokenizer, args: SFTConfig, formatting_func, stats=None):

@@ -12,21 +12,12 @@ def build_tokenizer(tokenizer, model, args: SFTConfig):
     from tunesmith.data.vision import is_processor
     from tunesmith.models.vision import is_vision_model
 
-    if tokenizer is None and is_vision_model(model):
-        from tunesmith.models.vision import load_processor
-
-        tokenizer = load_processor(model_name(model), trust_remote_code=args.trust_remote_code)
+    loaded_text_tokenizer = False
     if tokenizer is None:
-        from tunesmith.models.load import load_tokenizer
-
-        # the loader applies the pad-token policy itself
-        tokenizer = load_tokenizer(
-            model_name(model),
-            trust_remote_code=args.trust_remote_code,
-            pad_token=args.pad_token,
-            eos_token=args.eos_token,
-        )
-    else:
+        vision = is_vision_model(model)
+        tokenizer = load_by_name(model_name(model), args, vision=vision, eos_token=args.eos_token)
+        loaded_text_tokenizer = not vision  # the loader applied the pad-token policy itself
+    if not loaded_text_tokenizer:
         set_pad_token(tokenizer.tokenizer if is_processor(tokenizer) else tokenizer, args)
     if args.chat_template is not None or args.chat_template_path is not None:
         from tunesmith.data.templates import resolve_chat_template
@@ -39,6 +30,26 @@ def build_tokenizer(tokenizer, model, args: SFTConfig):
             chat_template_path=args.chat_template_path,
         )
     return tokenizer
+
+
+def load_by_name(name, args: SFTConfig, *, vision: bool, gguf_file=None, eos_token=None):
+    """The tokenizer of the model `name` (or its `gguf_file`), with the config's pad token through
+    the loader's pad-token policy and `eos_token` if given; or, when `vision`, its processor as
+    `AutoProcessor` gives it. What the trainer, `tunesmith preprocess / inspect` and the quick start
+    load a tokenizer with."""
+    if vision:
+        from tunesmith.models.vision import load_processor
+
+        return load_processor(name, trust_remote_code=args.trust_remote_code)
+    from tunesmith.models.load import load_tokenizer
+
+    return load_tokenizer(
+        name,
+        trust_remote_code=args.trust_remote_code,
+        gguf_file=gguf_file,
+        pad_token=args.pad_token,
+        eos_token=eos_token,
+    )
 
 
 def set_pad_token(tokenizer, args: SFTConfig) -> None:

@@ -36,19 +36,16 @@ def _prepare_mixture(config, tokenizer):
 
 
 def _tokenizer_for(config):
-    """The model's tokenizer, or its processor for a vision-language model."""
-    from tunesmith.models.load import load_tokenizer
-    from tunesmith.models.vision import image_text_class, load_processor
+    """The model's tokenizer, or its processor for a vision-language model (`build.tokenizer.load_by_name`;
+    without the config's eos_token, which only the trainer applies)."""
+    from tunesmith.build.tokenizer import load_by_name
+    from tunesmith.models.vision import image_text_class
 
     name = _check_model(config.model_name_or_path)
-    if config.model_gguf_file is None and image_text_class(name, trust_remote_code=config.trust_remote_code):
-        return load_processor(name, trust_remote_code=config.trust_remote_code)
-    return load_tokenizer(
-        _check_model(config.model_name_or_path),
-        trust_remote_code=config.trust_remote_code,
-        gguf_file=config.model_gguf_file,
-        pad_token=config.pad_token,
+    vision = config.model_gguf_file is None and bool(
+        image_text_class(name, trust_remote_code=config.trust_remote_code)
     )
+    return load_by_name(name, config, vision=vision, gguf_file=config.model_gguf_file)
 
 
 def cmd_preprocess(args) -> int:

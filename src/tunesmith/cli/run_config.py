@@ -59,22 +59,14 @@ def read_run_config(path: str | Path | None, overrides=()):
     The `dataset` section and `dataset.*` overrides are read here; everything else goes through
     `load_config`, whose messages name the file.
     """
-    import yaml
 
     from tunesmith.config import ConfigError, load_config
+    from tunesmith.config.yaml import read_yaml_mapping
 
     where = str(path) if path else "<defaults>"
     raw: dict = {}
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise UsageError(f"{where}: no such config file")
-        try:
-            raw = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UsageError(f"{where}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise UsageError(f"{where}: the top level must be a mapping of keys to values")
+        raw = read_yaml_mapping(path, error=UsageError)
     raw = dict(raw)
     data = _data_spec(raw.pop("dataset", None), where)
     rest = []

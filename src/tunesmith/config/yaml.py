@@ -15,6 +15,29 @@ from tunesmith.config.fields import SECTIONS
 from tunesmith.config.sft import SFTConfig, config_fields
 
 
+def read_yaml_mapping(path: str | Path, error: type[Exception] = ConfigError) -> dict:
+    """The mapping at the top of the YAML file `path` ({} for an empty file). A missing file, invalid
+    YAML or another top level raise `error` (ConfigError; the CLI passes its UsageError) naming the file.
+
+    >>> read_yaml_mapping("no/such.yaml")
+    Traceback (most recent call last):
+    ...
+    tunesmith.config.errors.ConfigError: no/such.yaml: no such config file
+    """
+    import yaml
+
+    where, file = str(path), Path(path)
+    if not file.is_file():
+        raise error(f"{where}: no such config file")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise error(f"{where}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{where}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(source: str | Path | dict | None = None, overrides: typing.Iterable[str] = ()) -> SFTConfig:
     """Build an SFTConfig from a YAML file (or a dict) plus dotted `key=value` overrides.
 
@@ -33,17 +56,7 @@ def load_config(source: str | Path | dict | None = None, overrides: typing.Itera
         raw = source
     else:
         where = str(source)
-        path = Path(source)
-        if not path.exists():
-            raise ConfigError(f"{where}: no such config file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{where}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(
-                f"{where}: the top level must be a mapping of keys to values, got {type(raw).__name__}"
-            )
+        raw = read_yaml_mapping(source)
 
     flat = _flatten(raw, where)
     for item in overrides:

@@ -9,6 +9,34 @@ With impl="auto", a kernel runs only after it has passed its one-time check agai
 PyTorch reference on the live device (`ops.selfcheck`); `TUNESMITH_KERNELS=off` turns every
 "auto" Triton kernel off (the PyTorch versions run), and impl="torch" does the same for one call
 or module (what `SFTConfig(triton_kernels=False)` passes).
+
+What impl="auto" runs, per op and device ("checked": the kernel passed its self-check for this
+shape class and device; "failed" also covers TUNESMITH_KERNELS=off and Triton not installed):
+
+    op (module)                         CPU                     CUDA, checked    CUDA, failed
+    rms_norm (RMSNorm, "rms_norm")      "torch": the reference  Triton           "torch"
+                                        forward, hand-written
+                                        backward (reference
+                                        when no grad is needed)
+    glu (GatedMLP, "mlp")               the reference           Triton           the reference
+    apply_rope ("attention" swap)       the reference           Triton           the reference
+    linear_cross_entropy (the loss)     "chunked"               chunked, Triton  "chunked"
+                                                                chunk step
+    attention function, lora, offload   no impl: one path per device (flash varlen where it is
+                                        installed, else sdpa, on CUDA; the short-document math path on the CPU;
+                                        LoRA stacks q/k/v and gate/up on the CPU only)
+
+So "auto" means one thing everywhere: the op's Triton kernel where it may run and has passed its
+check, else the op's PyTorch path ("torch"; for the loss "chunked", which "torch" also names);
+"reference" is always the plain autograd reference (for the loss: full logits). `optimize(model,
+impl="auto")` swaps the same modules on both devices (`ops.apply.DEFAULT_SWAPS`) and hands them
+the impl; on CUDA without Triton installed it swaps nothing (swaps=None). The config switches are
+booleans, not "auto": use_kernels=False: no swaps, the loss runs "reference";
+triton_kernels=False: optimize(impl="torch") and the loss "chunked"; both True (the default):
+"auto" for both (`build.model`, `loss.loss_impl`). The other "auto"s of the config mean something
+else: attention="auto" picks tunesmith_varlen for padding-free batches, memory_policy="auto"
+picks checkpointing per micro-batch from a memory estimate (`ops.offload`), model_dtype="auto"
+picks bf16 where the hardware runs it fast (`models.load.resolve_dtype`).
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ What is swapped, for the architectures we know (Llama, Mistral, Qwen2, Qwen3, Ge
 - "lora":      every plain PEFT LoRA linear -> `ops.lora.FastLoraLinear`, a subclass of PEFT's
   layer sharing its weights, whose low-rank path runs in the activation dtype (no fp32 copy
   of each input). Applies to any architecture.
-- "rope":      every attention module -> a copy of it whose class is a subclass of the original
+- "attention": every attention module -> a copy of it whose class is a subclass of the original
   and whose forward uses `ops.rope.apply_rope` and then the model's configured attention
   function (transformers' ALL_ATTENTION_FUNCTIONS), exactly as the original forward does. The
   copy shares the original's parameter, buffer and submodule dicts, so nothing is duplicated.
+  "rope", its old name, is still accepted and means the same (`SWAP_ALIASES`).
 
 With "lora" on the CPU, the swapped attention and MLP modules also run their q/k/v and gate/up
 LoRA projections as one (`ops.lora.lora_projections`, which stacks those frozen weights in place,
@@ -43,8 +44,10 @@ logger = logging.getLogger(__name__)
 
 # module kinds with a fused kernel, and "lora": PEFT LoRA linears -> ops.lora.FastLoraLinear (no
 # fp32 input casts; architecture-independent, so it applies to any model)
-KERNEL_KINDS = ("rms_norm", "mlp", "rope")
+KERNEL_KINDS = ("rms_norm", "mlp", "attention")
 KINDS = (*KERNEL_KINDS, "lora")
+# old swap names -> their kind: "rope" was the attention swap's name, though it replaces the whole forward
+SWAP_ALIASES = {"rope": "attention"}
 
 # model_type values (config.model_type) whose modules we know; anything else runs unchanged
 KNOWN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3")
@@ -291,7 +294,7 @@ def optimize(
 ) -> OptimizeReport:
     """Swap `model`'s norms, MLPs and attention modules for fused ones; returns what was done.
 
-    swaps: the kinds to swap, from `KINDS`; None: `DEFAULT_SWAPS` (all of them; on CUDA none when
+    swaps: the kinds to swap, from `KINDS` (or `SWAP_ALIASES`); None: `DEFAULT_SWAPS` (all of them; on CUDA none when
     Triton is not installed). Whether to optimize at all is the caller's choice (`use_kernels`). impl is passed
     to every new module ("auto": Triton on CUDA tensors once each kernel has passed its device check,
     `ops.selfcheck`, the PyTorch versions elsewhere; "torch": never Triton). Works on a
@@ -310,6 +313,7 @@ def optimize(
         if device == "cuda" and impl == "auto" and not triton_installed():
             swaps = ()
             report.skipped["all"] = "triton is not installed (pip install 'tunesmith[gpu]')"
+    swaps = tuple(SWAP_ALIASES.get(kind, kind) for kind in swaps)
     if device == "cuda" and impl == "auto" and set(swaps) & set(KERNEL_KINDS):
         if kernels_disabled():
             report.skipped["triton"] = "TUNESMITH_KERNELS=off: the swapped modules run their PyTorch versions"
@@ -357,8 +361,8 @@ def optimize(
                     report.skipped[cls] = f"activation {type(act).__name__} has no fused kernel"
                     continue
                 plan.append((parent, name, child, _new_mlp(child, activation, impl), "mlp"))
-            elif cls in _ATTENTIONS and "rope" in swaps and not hasattr(child, "_tunesmith_original"):
-                plan.append((parent, name, child, _new_attention(child, impl), "rope"))
+            elif cls in _ATTENTIONS and "attention" in swaps and not hasattr(child, "_tunesmith_original"):
+                plan.append((parent, name, child, _new_attention(child, impl), "attention"))
     _apply(plan, report)
     for line in str(report).splitlines():
         log(line)
@@ -399,7 +403,7 @@ def optimized_kinds(model: nn.Module) -> Counter:
         elif isinstance(module, GatedMLP):
             counts["mlp"] += 1
         elif isinstance(module, _RopeAttention):
-            counts["rope"] += 1
+            counts["attention"] += 1
         elif type(module).__name__ == "FastLoraLinear":
             counts["lora"] += 1
     return counts
@@ -410,6 +414,7 @@ __all__ = [
     "KERNEL_KINDS",
     "KINDS",
     "OptimizeReport",
+    "SWAP_ALIASES",
     "optimize",
     "optimized_kinds",
     "unoptimize",
