@@ -226,7 +226,8 @@ def run_all(args) -> None:
     out_dir = HERE / "out"
     out_dir.mkdir(exist_ok=True)
     tag = args.shape + (f"_{args.doc_tokens}" if args.doc_tokens else "")
-    model_dir(args.shape)  # built once here, before any contender's process
+    # built once, before any contender runs, in a process of its own (its memory is then given back)
+    subprocess.run([sys.executable, __file__, "build", "--shape", args.shape], check=True)
     for repeat in range(args.repeats):
         # alternate the order between repeats so that drift (thermal, other load) hits everyone
         order = args.contenders if repeat % 2 == 0 else list(reversed(args.contenders))
@@ -300,7 +301,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["one", "all"])
+    parser.add_argument("mode", choices=["one", "all", "build"])
     parser.add_argument("--contender", choices=list(CONTENDERS))
     parser.add_argument(
         "--contenders", nargs="+", default=[c for c in CONTENDERS if c != "tunesmith_checkpoint"]
@@ -318,7 +319,9 @@ def main() -> None:
     )
     parser.add_argument("--accum", type=int, default=0, help="accumulation (0: 2)")
     args = parser.parse_args()
-    if args.mode == "one":
+    if args.mode == "build":
+        print(model_dir(args.shape))
+    elif args.mode == "one":
         result = run_one(args.contender, args.seconds, args.max_steps, args.warmup, args.examples, args)
         args.out.write_text(json.dumps(result))
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}))

@@ -77,10 +77,11 @@ def test_offload_context_runs_hooks_around_any_code():
 def test_auto_policy_on_made_up_memory(caplog):
     model = tiny_model("llama")  # 2 layers, hidden 64, fp32
     need = estimate_activation_bytes(model, 1000)
-    # one layer input: 1000 tokens * 64 * 4 bytes = 256,000; x20 per layer without checkpointing
+    # one layer input: 1000 tokens * 64 * 4 bytes = 256,000; x20 per layer without checkpointing, x2
+    # with (the input and the attention output)
     assert need == {
         "none": 2 * 20 * 256_000,
-        "checkpoint": 2 * 256_000 + 20 * 256_000,
+        "checkpoint": 2 * 2 * 256_000 + 20 * 256_000,
         "offload": 21 * 256_000,
     }
     # budget is 70% of free memory: 100 MB fits 10.24 MB; 10 MB (7 MB budget) fits only 5.63 MB
@@ -119,7 +120,7 @@ def test_auto_plans_checkpointed_layers_per_micro_batch():
     model = tiny_model("llama")  # 2 layers, hidden 64, fp32: one layer input = tokens * 256 bytes
     # budget 1,000,000 bytes. Without checkpointing a batch needs 2 * 20 * 256 * tokens bytes:
     #   50 tokens -> 512,000: fits, no layer checkpointed;
-    #   150 tokens -> 1,536,000: k = ceil((1,536,000 - 1,000,000) / (19 * 38,400)) = 1;
+    #   150 tokens -> 1,536,000: k = ceil((1,536,000 - 1,000,000) / ((20 - 2) * 38,400)) = 1;
     #   1,000 tokens -> 10,240,000: k = 13 capped at the 2 layers there are.
     handle = apply_memory_policy(model, "auto", batch_tokens=1000, device="cpu", activation_budget=1_000_000)
     assert (
@@ -150,3 +151,33 @@ def test_auto_plan_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_checkpointed_layers_keep_the_attention_kernel_output(monkeypatch, keep):
+    # selective checkpointing (offload._keep_attention): backward recomputes a checkpointed layer
+    # but replays its fused attention kernel's saved output, so the kernel runs once per layer
+    # (twice when KEEP_ATTENTION is off); gradients are the same bit for bit either way
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import tunesmith.ops.offload as offload
+
+    class CountAttention(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func in offload._attention_ops()
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model("llama").train()
+    model.set_attn_implementation("sdpa")  # no mask for one unpadded row: sdpa's fused CPU kernel
+    loss, grads = _grads(model)
+    monkeypatch.setattr(offload, "KEEP_ATTENTION", keep)
+    apply_memory_policy(model, "checkpoint")
+    with CountAttention() as counter:
+        loss2, grads2 = _grads(model)
+    layers = 2
+    assert counter.calls == (layers if keep else 2 * layers)
+    assert torch.equal(loss2, loss) and all(torch.equal(grads2[n], grads[n]) for n in grads)

@@ -4,8 +4,9 @@ inputs offloaded to (pinned) CPU memory, and an `auto` policy that picks one fro
 Three policies, from fastest to leanest:
 
 - "none":       keep every activation on the device.
-- "checkpoint": keep only each decoder layer's input and recompute the layer in backward
-                (torch.utils.checkpoint, non-reentrant), set through transformers' own
+- "checkpoint": keep only each decoder layer's input and its fused attention kernel's output,
+                and recompute the rest of the layer in backward (torch.utils.checkpoint,
+                non-reentrant, selective: `_keep_attention`), set through transformers' own
                 per-layer switch (`GradientCheckpointingLayer.gradient_checkpointing`).
 - "offload":    as "checkpoint", and the kept layer inputs go to CPU memory while the forward
                 runs on: copied on a side CUDA stream into pinned buffers (overlapping the next
@@ -36,6 +37,9 @@ POLICIES = ("none", "checkpoint", "offload", "auto")
 # the attention output (~3), o_proj's input (1), the MLP's gate, up, act and product (~4 x 2.7),
 # and the residual adds: about 18; we round up to 20 for LoRA's extra inputs and allocator slack.
 ACTIVATION_FACTOR = 20
+# ... and what a checkpointed layer keeps: its input and its attention kernel's output (see
+# `_keep_attention`), each about a layer input's size
+CHECKPOINT_FACTOR = 2
 # Use at most this share of the free memory for activations: logits, optimizer state and
 # fragmentation need the rest.
 MEMORY_HEADROOM = 0.7
@@ -174,7 +178,44 @@ class OffloadedCheckpoint:
 def _plain_checkpoint(run, *args):
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(run, *args, use_reentrant=False)
+    return checkpoint(run, *args, use_reentrant=False, context_fn=_keep_attention)
+
+
+# Set to False to recompute the attention kernels too (A/B in bench/ab_step.py)
+KEEP_ATTENTION = True
+
+
+def _attention_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    return frozenset(getattr(aten, name).default for name in names if hasattr(aten, name))
+
+
+def _keep_attention():
+    """Selective checkpointing: a checkpointed layer keeps the outputs of its fused attention
+    kernels (the output and the softmax statistics: about the layer input's size per kernel call)
+    and recomputes everything else, so backward does not run the attention forward a second time.
+    On long documents that forward is the largest share of what recomputation costs, and the
+    saved output is small next to what the layer would keep unchecked."""
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        create_selective_checkpoint_contexts,
+        noop_context_fn,
+    )
+
+    if not KEEP_ATTENTION:
+        return noop_context_fn()
+    keep = _attention_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -215,10 +256,11 @@ class MemoryPolicyHandle:
         """Checkpoint the fewest decoder layers that keep this micro-batch's activations within the
         budget; returns how many. A no-op (0) unless the policy is "auto".
 
-        Each checkpointed layer keeps only its input (1 unit) instead of ACTIVATION_FACTOR units:
-            need(k) = (L - k)·F·u + k·u <= budget  ->  k = ceil((L·F·u - budget) / ((F - 1)·u))
-        Example: L=30, F=20, u = 1,000 tokens × 576 × 2 bytes = 1.15 MB, budget 540 MB -> 691 MB
-        without checkpointing, k = ceil(151 / 21.9) = 7 layers.
+        Each checkpointed layer keeps C = CHECKPOINT_FACTOR units (its input and its attention
+        output) instead of ACTIVATION_FACTOR units:
+            need(k) = (L - k)·F·u + k·C·u <= budget  ->  k = ceil((L·F·u - budget) / ((F - C)·u))
+        Example: L=30, F=20, C=2, u = 1,000 tokens × 576 × 2 bytes = 1.15 MB, budget 540 MB -> 691 MB
+        without checkpointing, k = ceil(151 / 20.7) = 8 layers.
         """
         if self.policy != "auto" or not self._previous:
             return 0
@@ -226,7 +268,8 @@ class MemoryPolicyHandle:
         total = self.layers * ACTIVATION_FACTOR * unit
         k = 0
         if total > self.budget_bytes and unit > 0:
-            k = min(self.layers, -(-(total - self.budget_bytes) // ((ACTIVATION_FACTOR - 1) * unit)))
+            saved = (ACTIVATION_FACTOR - CHECKPOINT_FACTOR) * unit
+            k = min(self.layers, -(-(total - self.budget_bytes) // saved))
         for i, (layer, *_rest) in enumerate(self._previous):
             layer.gradient_checkpointing = i < k
         self.planned["batches"] += 1
@@ -273,11 +316,11 @@ def estimate_activation_bytes(
     """Activation memory of one micro-batch of `batch_tokens` tokens, per policy (bytes).
 
         none       = layers * tokens * hidden * bytes * ACTIVATION_FACTOR
-        checkpoint = layers * tokens * hidden * bytes + one layer's full activations
+        checkpoint = layers * tokens * hidden * bytes * CHECKPOINT_FACTOR + one layer's full activations
         offload    = one layer's input + one layer's full activations
 
     Example: 30 layers, hidden 576, 8,192 tokens, bf16 -> none = 30*8192*576*2*20 = 5.7 GB,
-    checkpoint = 0.28 GB + 0.19 GB = 0.47 GB.
+    checkpoint = 0.57 GB + 0.19 GB = 0.75 GB.
     """
     config = _text_config(model)
     layers = getattr(config, "num_hidden_layers", None) or len(decoder_layers(model))
@@ -293,7 +336,7 @@ def estimate_activation_bytes(
     per_layer_full = per_layer_input * ACTIVATION_FACTOR
     return {
         "none": layers * per_layer_full,
-        "checkpoint": layers * per_layer_input + per_layer_full,
+        "checkpoint": layers * per_layer_input * CHECKPOINT_FACTOR + per_layer_full,
         "offload": per_layer_input + per_layer_full,
     }
 
