@@ -197,6 +197,9 @@ def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examp
     # get_train_dataloader is built lazily inside train(), after our collator swap
     trainer.train()
     steps = record["steps"]
+    if len(steps) < warmup + 2:
+        # timing runs from the end of optimizer step warmup + 1 to the end of the last one
+        raise SystemExit(f"only {len(steps)} optimizer steps ran: --max-steps must be at least --warmup + 2")
     (s0, t0, tok0, slot0, sq0), (s1, t1, tok1, slot1, sq1) = steps[warmup], steps[-1]
     tokens_per_s = (tok1 - tok0) / (t1 - t0)
     # the attention term needs Σ n² / Σ n only: one "document" of that mean context stands for them
