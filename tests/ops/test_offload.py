@@ -153,11 +153,15 @@ def test_auto_plan_gives_the_same_gradients():
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_checkpointed_layers_keep_the_attention_kernel_output(monkeypatch, keep):
+@pytest.mark.parametrize(
+    "keep, from_tokens, runs_per_layer",
+    [(True, 6, 1), (True, 7, 2), (False, 6, 2)],  # the rows here have 6 tokens
+)
+def test_checkpointed_layers_keep_the_attention_kernel_output(monkeypatch, keep, from_tokens, runs_per_layer):
     # selective checkpointing (offload._keep_attention): backward recomputes a checkpointed layer
-    # but replays its fused attention kernel's saved output, so the kernel runs once per layer
-    # (twice when KEEP_ATTENTION is off); gradients are the same bit for bit either way
+    # but replays its fused attention kernel's saved output, so the kernel runs once per layer;
+    # twice when KEEP_ATTENTION is off or the rows are shorter than KEEP_ATTENTION_FROM_TOKENS.
+    # Gradients are the same bit for bit either way
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import tunesmith.ops.offload as offload
@@ -175,9 +179,10 @@ def test_checkpointed_layers_keep_the_attention_kernel_output(monkeypatch, keep)
     model.set_attn_implementation("sdpa")  # no mask for one unpadded row: sdpa's fused CPU kernel
     loss, grads = _grads(model)
     monkeypatch.setattr(offload, "KEEP_ATTENTION", keep)
+    monkeypatch.setattr(offload, "KEEP_ATTENTION_FROM_TOKENS", from_tokens)
     apply_memory_policy(model, "checkpoint")
     with CountAttention() as counter:
         loss2, grads2 = _grads(model)
     layers = 2
-    assert counter.calls == (layers if keep else 2 * layers)
+    assert counter.calls == runs_per_layer * layers
     assert torch.equal(loss2, loss) and all(torch.equal(grads2[n], grads[n]) for n in grads)
