@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_e2e import build_trainer  # noqa: E402
+from bench.bench_e2e import add_workload_args, build_trainer  # noqa: E402
 
 
 def apply_variant(model, variant: dict, originals: dict) -> None:
@@ -56,10 +56,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--examples", type=int, default=2000)
-    parser.add_argument("--shape", choices=["smollm2", "llama-1b", "llama-3b"], default="smollm2")
-    parser.add_argument("--doc-tokens", type=int, default=0, help="conversations of this many tokens")
-    parser.add_argument("--batch", type=int, default=0)
-    parser.add_argument("--accum", type=int, default=0)
+    add_workload_args(parser)
     args = parser.parse_args()
     variants = json.loads(args.variants)
 

@@ -300,6 +300,18 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The options that say what is trained (model shape, documents, batch), for this script and ab_step."""
+    from bench.model_shapes import SHAPES
+
+    parser.add_argument("--shape", choices=list(SHAPES), default="smollm2")
+    parser.add_argument("--doc-tokens", type=int, default=0, help="conversations of this many tokens")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="per-device batch (0: 4, or 1 with --doc-tokens)"
+    )
+    parser.add_argument("--accum", type=int, default=0, help="accumulation (0: 2)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -315,12 +327,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--shape", choices=["smollm2", "llama-1b", "llama-3b"], default="smollm2")
-    parser.add_argument("--doc-tokens", type=int, default=0, help="conversations of this many tokens")
-    parser.add_argument(
-        "--batch", type=int, default=0, help="per-device batch (0: 4, or 1 with --doc-tokens)"
-    )
-    parser.add_argument("--accum", type=int, default=0, help="accumulation (0: 2)")
+    add_workload_args(parser)
     args = parser.parse_args()
     if args.mode == "build":
         print(model_dir(args.shape))

@@ -23,6 +23,7 @@ settings back. "auto" goes through `choose_memory_policy`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -39,7 +40,8 @@ POLICIES = ("none", "checkpoint", "offload", "auto")
 # and the residual adds: about 18; we round up to 20 for LoRA's extra inputs and allocator slack.
 ACTIVATION_FACTOR = 20
 # ... and what a checkpointed layer keeps: its input and its attention kernel's output (see
-# `_keep_attention`), each about a layer input's size
+# `_keep_attention`), each about a layer input's size. Rows shorter than KEEP_ATTENTION_FROM_TOKENS
+# keep only the input; the estimate counts both for them too (on the safe side).
 CHECKPOINT_FACTOR = 2
 # Use at most this share of the free memory for activations: logits, optimizer state and
 # fragmentation need the rest.
@@ -193,6 +195,7 @@ KEEP_ATTENTION = True
 KEEP_ATTENTION_FROM_TOKENS = 2048
 
 
+@functools.cache
 def _attention_ops() -> frozenset:
     aten = torch.ops.aten
     names = (
@@ -210,14 +213,8 @@ def _keep_attention():
     and recomputes everything else, so backward does not run the attention forward a second time.
     On long documents that forward is the largest share of what recomputation costs, and the
     saved output is small next to what the layer would keep unchecked."""
-    from torch.utils.checkpoint import (
-        CheckpointPolicy,
-        create_selective_checkpoint_contexts,
-        noop_context_fn,
-    )
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    if not KEEP_ATTENTION:
-        return noop_context_fn()
     keep = _attention_ops()
 
     def policy(ctx, op, *args, **kwargs):
