@@ -12,7 +12,9 @@ What is measured, identically for every contender:
   contender's own collator: attention_mask.sum() for padded batches, the row length less its
   `padding_tokens` for padding-free ones), time is wall time between optimizer steps; the first `--warmup` optimizer
   steps are excluded (allocator warm-up, lazy init);
-- peak RSS of the process (ru_maxrss), which includes loading the model and preparing the data;
+- peak RSS of the process (ru_maxrss), which includes loading the model and preparing the data,
+  and the peak of its anonymous memory (`bench/memory.py`: RssAnon sampled every 5 ms, which leaves
+  out the memory-mapped weight file's pages);
 - the loss at every optimizer step, against the number of supervised tokens seen.
 
 A run stops after `--seconds` of measured training (checked at every optimizer step) or
@@ -35,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,9 @@ CONTENDERS = {
     "tunesmith_packed": ("tunesmith", {"packing": True}),
     # the memory end of the trade-off: every decoder layer checkpointed
     "tunesmith_checkpoint": ("tunesmith", {"memory_policy": "checkpoint"}),
+    # the frozen base quantized (tunesmith.ops.quant), LoRA in bf16 beside it: the CPU's QLoRA
+    "tunesmith_int8": ("tunesmith", {"model_quantization": "int8"}),
+    "tunesmith_int4": ("tunesmith", {"model_quantization": "int4"}),
 }
 
 
@@ -175,9 +179,11 @@ def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examp
     import torch
     from transformers import TrainerCallback
 
+    from bench.memory import AnonPeak, peak_rss_gb
     from bench.model_shapes import SHAPES, cpu_matmul_peak_gflops, flops_per_token
 
     peak_gflops = cpu_matmul_peak_gflops()
+    anon = AnonPeak().start()
     trainer, counter = build_trainer(contender, max_steps, n_examples, opts)
     library, overrides = CONTENDERS[contender]
     record = {"steps": [], "losses": []}
@@ -218,7 +224,8 @@ def run_one(contender: str, seconds: float, max_steps: int, warmup: int, n_examp
         "model_gflops_per_s": model_gflops,
         "mfu": model_gflops / peak_gflops,
         "padding_fraction": 1 - (tok1 - tok0) / max(slot1 - slot0, 1),
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gb": peak_rss_gb(),
+        "peak_anon_gb": anon.stop(),
         "losses": record["losses"],
         "torch_threads": torch.get_num_threads(),
     }
@@ -249,6 +256,7 @@ def run_all(args) -> None:
         c: {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
             "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs),
+            "peak_anon_gb": statistics.median(r["peak_anon_gb"] for r in runs),
             "padding_fraction": statistics.median(r["padding_fraction"] for r in runs),
             "mfu": statistics.median(r["mfu"] for r in runs),
             "runs": len(runs),
@@ -265,15 +273,19 @@ def run_all(args) -> None:
 
 def format_table(summary: dict) -> str:
     base = summary.get("trl_default")
+
+    def ratio(s, key):
+        return f"{s[key] / base[key]:.2f}" if base and base.get(key) else "-"
+
     rows = [
-        "| contender | non-pad tokens/s | × TRL default | peak RSS (GB) | × TRL default | padding | MFU |",
-        "|---|---|---|---|---|---|---|",
+        "| contender | non-pad tokens/s | × TRL default | peak RSS (GB) | × TRL default | peak anon (GB) | × TRL default | padding | MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c, s in summary.items():
-        speed = f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
-        mem = f"{s['peak_rss_gb'] / base['peak_rss_gb']:.2f}" if base else "-"
         rows.append(
-            f"| {c} | {s['tokens_per_s']:.1f} | {speed} | {s['peak_rss_gb']:.2f} | {mem} | {s['padding_fraction']:.0%} | {s['mfu']:.0%} |"
+            f"| {c} | {s['tokens_per_s']:.1f} | {ratio(s, 'tokens_per_s')} | {s['peak_rss_gb']:.2f} | "
+            f"{ratio(s, 'peak_rss_gb')} | {s.get('peak_anon_gb', 0):.2f} | {ratio(s, 'peak_anon_gb')} | "
+            f"{s['padding_fraction']:.0%} | {s['mfu']:.0%} |"
         )
     return "\n".join(rows)
 
@@ -319,7 +331,11 @@ def main() -> None:
     parser.add_argument("mode", choices=["one", "all", "build"])
     parser.add_argument("--contender", choices=list(CONTENDERS))
     parser.add_argument(
-        "--contenders", nargs="+", default=[c for c in CONTENDERS if c != "tunesmith_checkpoint"]
+        "--contenders",
+        nargs="+",
+        default=[
+            c for c in CONTENDERS if c not in ("tunesmith_checkpoint", "tunesmith_int8", "tunesmith_int4")
+        ],
     )
     parser.add_argument("--seconds", type=float, default=150.0, help="measured training time per run")
     parser.add_argument("--max-steps", type=int, default=200)

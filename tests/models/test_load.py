@@ -154,7 +154,8 @@ def test_remote_code_does_not_run_by_default(tmp_path):
 def test_quantization_without_cuda_is_a_clear_error(monkeypatch, llama_folder, quantization):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(
-        RuntimeError, match=f"quantization='{quantization}' needs a CUDA GPU.*drop quantization"
+        RuntimeError,
+        match=f"quantization='{quantization}' needs a CUDA GPU.*use quantization='int{quantization[0]}'.*drop quantization",
     ):
         load_model(llama_folder[0], quantization=quantization)
 
@@ -172,7 +173,10 @@ def test_quantization_without_bitsandbytes_says_how_to_install(monkeypatch, llam
 
 
 def test_unknown_quantization_is_refused(llama_folder):
-    with pytest.raises(ValueError, match="quantization must be None, '4bit' or '8bit', not 'nf4'"):
+    with pytest.raises(
+        ValueError,
+        match=r"quantization must be None, '4bit' or '8bit' \(bitsandbytes\), 'int8' or 'int4' \(tunesmith\), not 'nf4'",
+    ):
         load_model(llama_folder[0], quantization="nf4")
 
 

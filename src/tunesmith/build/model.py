@@ -18,6 +18,12 @@ logger = logging.getLogger("tunesmith.trainer")
 def build_model(model, args: SFTConfig, peft_config):
     """Load (if given by name), add LoRA, swap in fast modules and set the memory policy."""
     full_ft = peft_config is None and not args.use_peft
+    if full_ft and args.model_quantization is not None and not hasattr(model, "peft_config"):
+        raise ValueError(
+            f"model_quantization={args.model_quantization!r} freezes the base weights, so only adapters can "
+            "train: set use_peft: true (or pass peft_config=LoraConfig(...)), or drop model_quantization to "
+            "fine-tune every weight"
+        )
     if model is None or isinstance(model, (str, os.PathLike)):
         from tunesmith.models.load import default_model_path, load_model
 
@@ -26,8 +32,14 @@ def build_model(model, args: SFTConfig, peft_config):
         if full_ft:
             fp32_master_weights(args, kwargs)
         model = load_model(name, **kwargs)
-    elif args.attention not in ("auto", "tunesmith_varlen"):
-        unwrap(model).set_attn_implementation(args.attention)
+    else:
+        if args.attention not in ("auto", "tunesmith_varlen"):
+            unwrap(model).set_attn_implementation(args.attention)
+        if args.model_quantization in ("int8", "int4"):
+            # tunesmith's quantization applies to a model passed in as well (before LoRA wraps its layers)
+            from tunesmith.ops.quant import quantize_model
+
+            quantize_model(model, args.model_quantization)
 
     is_peft = hasattr(model, "peft_config") and hasattr(model, "get_base_model")
     if peft_config is not None or (args.use_peft and not is_peft):

@@ -100,7 +100,10 @@ class ModelFields:
     model_quantization: str | None = field(
         default=None,
         metadata=_help(
-            "Load the base weights quantized: None, '4bit' (QLoRA NF4) or '8bit'. CUDA only.", "model"
+            "Load the frozen base weights quantized, for LoRA: None; '4bit' (QLoRA NF4) or '8bit' through "
+            "bitsandbytes, CUDA only; 'int8' or 'int4': tunesmith's weight-only quantization of the "
+            "decoder's linear layers (tunesmith.ops.quant), any device, the CPU's QLoRA.",
+            "model",
         ),
     )
     model_gguf_file: str | None = field(

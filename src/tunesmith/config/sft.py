@@ -83,7 +83,7 @@ class SFTConfig(EvalFields, KernelFields, DataFields, LoraFields, ModelFields, T
         _check_choice("loss_type", self.loss_type, ("nll", "dft"))
         _check_choice("train_on_reasoning", self.train_on_reasoning, ("last", "all", "none"))
         _check_choice("memory_policy", self.memory_policy, ("auto", "none", "checkpoint", "offload"))
-        _check_choice("model_quantization", self.model_quantization, (None, "4bit", "8bit"))
+        _check_choice("model_quantization", self.model_quantization, (None, "4bit", "8bit", "int8", "int4"))
         self._check_ranges()
         if self.dataloader_pin_memory and not _has_accelerator():
             # pinned memory only speeds up copies to a GPU; without one torch warns on every DataLoader

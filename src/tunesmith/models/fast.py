@@ -7,8 +7,10 @@
 
 Differences from Unsloth, on purpose:
 - `load_in_4bit=True` on a machine without CUDA warns once and loads the 16-bit model: almost every
-  Unsloth script carries it, and they should run on a CPU too. With CUDA it loads NF4 through
-  bitsandbytes (and fails clearly when bitsandbytes is missing).
+  Unsloth script carries it, and they should run on a CPU too (and fast: the 16-bit matmuls are the
+  CPU's quickest). With CUDA it loads NF4 through bitsandbytes (and fails clearly when bitsandbytes
+  is missing). `quantization="int4"` / `"int8"` (tunesmith's own, `tunesmith.ops.quant`) quantizes
+  the frozen base on any device, for a model that would not fit otherwise.
 - Nothing is patched: these are plain functions over `load_model`, `load_tokenizer` and `apply_lora`.
 - `use_gradient_checkpointing="unsloth"` (Unsloth's offloaded checkpointing) turns on ordinary
   non-reentrant gradient checkpointing; CPU offload of activations is `SFTConfig.activation_offloading`.
@@ -79,7 +81,14 @@ def _drop_unsloth_only(kwargs: dict, where: str) -> dict:
     return {k: v for k, v in kwargs.items() if k not in _UNSLOTH_ONLY}
 
 
-def _quantization(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool):
+def _quantization(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool, quantization=None):
+    if quantization is not None:  # tunesmith's own spelling (load_model's), which wins
+        if full_finetuning:
+            raise ValueError(
+                f"quantization={quantization!r} freezes the base weights, which full_finetuning=True trains: "
+                "drop one of them"
+            )
+        return quantization
     if not (load_in_4bit or load_in_8bit):
         return None
     if full_finetuning:
@@ -89,7 +98,8 @@ def _quantization(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool)
         if once(("fast", "no-cuda-4bit")):
             warnings.warn(
                 "load_in_4bit/load_in_8bit needs a CUDA GPU and this machine has none: loading the model "
-                "in 16-bit instead (LoRA trains the same way; it only uses more memory)",
+                "in 16-bit instead (LoRA trains the same way; it only uses more memory). For a model that "
+                'does not fit in 16-bit, pass quantization="int4" or "int8" (tunesmith\'s CPU quantization)',
                 stacklevel=3,
             )
         return None
@@ -132,7 +142,9 @@ class FastLanguageModel:
             model_name,
             dtype="auto" if dtype is None else dtype,
             trust_remote_code=trust_remote_code,
-            quantization=_quantization(load_in_4bit, load_in_8bit, full_finetuning),
+            quantization=_quantization(
+                load_in_4bit, load_in_8bit, full_finetuning, kwargs.pop("quantization", None)
+            ),
             **hub,
             **{k: v for k, v in kwargs.items() if k not in hub},
         )
@@ -242,7 +254,10 @@ class FastVisionModel(FastLanguageModel):
             dtype="auto" if dtype is None else dtype,
             trust_remote_code=trust_remote_code,
             quantization=_quantization(
-                load_in_4bit, kwargs.pop("load_in_8bit", False), kwargs.get("full_finetuning")
+                load_in_4bit,
+                kwargs.pop("load_in_8bit", False),
+                kwargs.get("full_finetuning"),
+                kwargs.pop("quantization", None),
             ),
             **{k: v for k, v in kwargs.items() if k != "full_finetuning"},
         )

@@ -317,13 +317,20 @@ def _check_weight_format(source: str, use_safetensors) -> None:
         )
 
 
+QUANTIZATIONS = ("4bit", "8bit", "int8", "int4")  # bitsandbytes' two, then tunesmith's (ops.quant)
+
+
 def _quantization_config(quantization, compute_dtype: torch.dtype):
-    if quantization not in ("4bit", "8bit"):
-        raise ValueError(f"quantization must be None, '4bit' or '8bit', not {quantization!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization must be None, '4bit' or '8bit' (bitsandbytes), 'int8' or 'int4' (tunesmith), "
+            f"not {quantization!r}"
+        )
     if not torch.cuda.is_available():
         raise RuntimeError(
             f"quantization={quantization!r} needs a CUDA GPU (bitsandbytes), and this machine has none: "
-            "drop quantization (train LoRA on the 16-bit model), or run on a machine with a CUDA GPU"
+            f"use quantization='int{quantization[0]}' (tunesmith's weight-only quantization, which runs on "
+            "a CPU), drop quantization (train LoRA on the 16-bit model), or run on a machine with a CUDA GPU"
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(
@@ -359,7 +366,9 @@ def load_model(
     SmolLM2-135M-Instruct).
 
     dtype: "auto" (see `resolve_dtype`), a name or a torch dtype. quantization: None, "4bit" (NF4, double
-    quantization, bf16 compute: QLoRA) or "8bit", CUDA only. `model_init_kwargs` go to
+    quantization, bf16 compute: QLoRA) or "8bit" through bitsandbytes, CUDA only; "int8" or "int4":
+    the decoder's linear layers quantized after loading (`tunesmith.ops.quant`, any device), frozen,
+    for LoRA. `model_init_kwargs` go to
     `from_pretrained` and may be TRL's `model_init_kwargs` ({"torch_dtype": ..., "revision": ...});
     their `dtype` / `torch_dtype` wins over `dtype`. Note that `dtype="auto"` is the hardware's choice
     (`resolve_dtype`), while "auto" given in `model_init_kwargs` means what it means to TRL and
@@ -381,7 +390,8 @@ def load_model(
     source = _resolve_source(name_or_path, gguf_file, **hub_kwargs)
     _check_weight_format(source, use_safetensors)
     torch_dtype = "auto" if checkpoint_dtype else resolve_dtype(dtype)
-    if quantization is not None:
+    own_quantization = quantization in ("int8", "int4")  # applied after loading (ops.quant)
+    if quantization is not None and not own_quantization:
         kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
         if device_map is None:
             # bitsandbytes quantizes while loading onto the GPU; one process per GPU under accelerate.
@@ -406,6 +416,10 @@ def load_model(
         **kwargs,
     )
     torch_dtype = model.dtype if checkpoint_dtype else torch_dtype
+    if own_quantization:
+        from tunesmith.ops.quant import quantize_model
+
+        quantize_model(model, quantization)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         "loaded %s: %s, %.1fM parameters, %s%s in %.1f s",

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
+from tunesmith.ops.quant import QuantizedLinear
+
 
 def lora_delta_reference(x, lora_a, lora_b, scaling: float):
     """The LoRA update `scaling * (x @ A.T) @ B.T`, computed in fp32 and returned in x's dtype.
@@ -52,9 +54,15 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling: float):
     return F.linear(x, weight, bias) + lora_delta_reference(x, lora_a, lora_b, scaling)
 
 
+def _base_weight(weight, dtype):
+    """The frozen weight as a tensor: a `QuantizedLinear` base is dequantized (into its scratch buffer)."""
+    return weight.dequantized(dtype) if isinstance(weight, QuantizedLinear) else weight
+
+
 class _LoraLinear(torch.autograd.Function):
     """x @ W.T (+ bias) + scaling * (x @ A.T) @ B.T in x.dtype, W and bias frozen; saves x and
-    x @ A.T only. With weight None it is the update alone (`lora_delta`)."""
+    x @ A.T only. With weight None it is the update alone (`lora_delta`). `weight` may be a
+    `QuantizedLinear` (a quantized base), dequantized for the forward and again for the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
@@ -66,9 +74,10 @@ class _LoraLinear(torch.autograd.Function):
         if weight is None:
             out = xa @ b.t()  # (N, out)
         else:
-            out = F.linear(x2, weight, bias)  # (N, out)
+            out = F.linear(x2, _base_weight(weight, x.dtype), bias)  # (N, out)
             out.addmm_(xa, b.t())  # the update, accumulated in place
-        ctx.save_for_backward(x2, xa, a, b, weight)
+        ctx.quantized = weight if isinstance(weight, QuantizedLinear) else None
+        ctx.save_for_backward(x2, xa, a, b, None if ctx.quantized is not None else weight)
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.scaling = scaling
         return out.view(*shape[:-1], out.shape[-1])
@@ -76,6 +85,8 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2, xa, a, b, weight = ctx.saved_tensors
+        if ctx.quantized is not None:
+            weight = ctx.quantized  # dequantized below, only if the input gradient is needed
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)  # (N, out)
         gb = g @ b  # (N, r), scaling already inside b
         grad_x = grad_a = grad_b = None
@@ -83,7 +94,7 @@ class _LoraLinear(torch.autograd.Function):
             if weight is None:
                 grad_x = gb @ a  # (N, in)
             else:
-                grad_x = g @ weight  # (N, in)
+                grad_x = g @ _base_weight(weight, g.dtype)  # (N, in)
                 grad_x.addmm_(gb, a)
             grad_x = grad_x.view(*grad_out.shape[:-1], a.shape[1])
         if ctx.needs_input_grad[3]:
@@ -95,8 +106,10 @@ class _LoraLinear(torch.autograd.Function):
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float):
     """`F.linear(x, weight, bias) + scaling * (x @ A.T) @ B.T` in x's dtype, for a frozen weight and
-    bias (no gradient is computed for them: pass tensors that do not require one)."""
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    bias (no gradient is computed for them: pass tensors that do not require one). `weight` may also
+    be a `QuantizedLinear`, whose dequantized weight is used."""
+    frozen = weight.weight if isinstance(weight, QuantizedLinear) else weight
+    if frozen.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear: the base weight and bias must be frozen (requires_grad=False)")
     return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling))
 
@@ -150,8 +163,8 @@ def lora_projections(x, layers, stacked: dict) -> tuple[torch.Tensor, ...] | Non
     parts = [
         layer.plain_parts(x) if on_cpu and isinstance(layer, FastLoraLinear) else None for layer in layers
     ]
-    if any(part is None for part in parts):
-        stacked.clear()  # e.g. after merge_and_unload
+    if any(part is None or isinstance(part[0], QuantizedLinear) for part in parts):
+        stacked.clear()  # e.g. after merge_and_unload; a quantized base is not stacked
         return None
     weights, biases, lora_as, lora_bs, scalings = zip(*parts)
     if STACK_MAX_IN_FEATURES is not None and weights[0].shape[1] > STACK_MAX_IN_FEATURES:
@@ -198,18 +211,21 @@ class FastLoraLinear(PeftLoraLinear):
 
     def plain_parts(self, x) -> tuple | None:
         """(weight, bias, lora_A, lora_B, scaling) when this layer's output for `x` is
-        `lora_linear(x, *parts)`: one plain adapter on a frozen nn.Linear of x's dtype; else None."""
+        `lora_linear(x, *parts)`: one plain adapter on a frozen nn.Linear of x's dtype, or on a
+        `QuantizedLinear` (then `weight` is that layer, and its bias is in x's dtype); else None."""
         name = self._plain_adapter()
         base = self.base_layer
+        quantized = type(base) is QuantizedLinear
         if (
             name is None
-            or type(base) is not nn.Linear
+            or (type(base) is not nn.Linear and not quantized)
             or base.weight.requires_grad
-            or (base.bias is not None and base.bias.requires_grad)
-            or x.dtype != base.weight.dtype
+            or (base.bias is not None and (base.bias.requires_grad or base.bias.dtype != x.dtype))
+            or (not quantized and x.dtype != base.weight.dtype)
         ):
             return None
-        return base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        weight = base if quantized else base.weight
+        return weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
 
     def forward(self, x, *args, **kwargs):
         parts = None if args or kwargs else self.plain_parts(x)
