@@ -19,12 +19,17 @@ LLAMA_3B = dict(
     _LLAMA_3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
     num_key_value_heads=8, head_dim=128,
 )  # fmt: skip
+# Llama-3.1-8B's (untied embeddings): the size a 24 GB machine trains only with a quantized base
+LLAMA_8B = dict(
+    _LLAMA_3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+)  # fmt: skip
 # SmolLM2-135M's (the benchmarks load its real weights; the shape is for the FLOPs)
 SMOLLM2_135M = dict(
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
     head_dim=64, vocab_size=49152, tie_word_embeddings=True,
 )  # fmt: skip
-SHAPES = {"smollm2": SMOLLM2_135M, "llama-1b": LLAMA_1B, "llama-3b": LLAMA_3B}
+SHAPES = {"smollm2": SMOLLM2_135M, "llama-1b": LLAMA_1B, "llama-3b": LLAMA_3B, "llama-8b": LLAMA_8B}
 
 
 def flops_per_token(shapes: dict, lengths: list[int], rank: int = 16) -> float:

@@ -5,9 +5,11 @@ does that on CUDA; on a CPU it is missing or slow, and torchao's CPU paths measu
 their bf16 matmul here (bench/RESULTS.md). This is the plain version that is fast on a CPU:
 
 - `int8`: one scale per output row, symmetric (w ≈ q * s, q in [-127, 127]); 1 byte a weight.
-- `int4`: one scale per group of `INT4_GROUP` inputs in a row, symmetric (q in [-8, 7]); half a byte
-  a weight plus a 16-bit scale per group. Two rows share a byte: row i in the low nibble and row
-  i + out/2 in the high one, so unpacking writes two contiguous halves.
+- `int4`: per group of `INT4_GROUP` (32) inputs in a row, asymmetric (w ≈ q * s + min, q in
+  [0, 15]: llama.cpp's Q4_1 layout of the numbers); half a byte a weight plus a 16-bit scale and
+  minimum per group (4.5 bits a weight in all). Two rows share a byte: row i in the low nibble and
+  row i + out/2 in the high one, so unpacking writes two contiguous halves. On SmolLM2-135M this
+  measured better than symmetric groups of 32 or 64 (bench/RESULTS.md).
 
 The matmuls run in the activation's dtype on a weight dequantized into a scratch buffer (one per
 shape and dtype, reused by every layer, never kept for backward): forward `x @ W.T`, backward
@@ -31,7 +33,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 FORMATS = ("int8", "int4")
-INT4_GROUP = 64
+INT4_GROUP = 32
 
 
 # --------------------------------------------------------------------------- quantize / dequantize
@@ -40,7 +42,8 @@ INT4_GROUP = 64
 @torch.no_grad()
 def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed integers, scales) of a (out, in) float weight; see the module doc for the formats.
-    Rows are done a block at a time in fp32, so the transient memory stays small."""
+    int8: int8 codes and (out, 1) scales; int4: uint8 bytes and (out, in / INT4_GROUP, 2) pairs of
+    (scale, minimum). Rows are done a block at a time in fp32, so the transient memory stays small."""
     if fmt not in FORMATS:
         raise ValueError(f"quantization format must be one of {FORMATS}, not {fmt!r}")
     out_features, in_features = weight.shape
@@ -48,19 +51,30 @@ def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
         raise ValueError(
             f"int4 needs in_features divisible by {INT4_GROUP} and an even out_features, got {tuple(weight.shape)}"
         )
-    qmax = 127 if fmt == "int8" else 7
-    q = torch.empty(out_features, in_features, dtype=torch.int8, device=weight.device)
-    groups = 1 if fmt == "int8" else in_features // INT4_GROUP
-    scales = torch.empty(out_features, groups, dtype=torch.float32, device=weight.device)
+    int8 = fmt == "int8"
+    q = torch.empty(
+        out_features, in_features, dtype=torch.int8 if int8 else torch.uint8, device=weight.device
+    )
+    groups = 1 if int8 else in_features // INT4_GROUP
+    scales = torch.empty(
+        out_features, groups, *(() if int8 else (2,)), dtype=torch.float32, device=weight.device
+    )
     for start in range(0, out_features, 1024):
         w = weight[start : start + 1024].float().reshape(-1, groups, in_features // groups)
-        s = w.abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
-        q[start : start + 1024] = torch.round(w / s).clamp(-qmax, qmax).reshape(-1, in_features)
-        scales[start : start + 1024] = s.squeeze(-1)
-    if fmt == "int4":
+        if int8:  # symmetric: w ≈ q * s
+            step = w.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+            codes = torch.round(w / step).clamp(-127, 127)
+            scales[start : start + 1024] = step.squeeze(-1)
+        else:  # asymmetric: w ≈ q * s + min, q in [0, 15]
+            low = w.amin(-1, keepdim=True)
+            step = (w.amax(-1, keepdim=True) - low).clamp(min=1e-12) / 15
+            codes = torch.round((w - low) / step).clamp(0, 15)
+            scales[start : start + 1024] = torch.cat([step, low], -1)
+        q[start : start + 1024] = codes.reshape(-1, in_features).to(q.dtype)
+    if not int8:
         half = out_features // 2
-        q = (q[:half] & 0x0F) | (q[half:] << 4)  # int8: row i low nibble, row i + half high nibble
-    # bf16 scales: the dequantized weight is formed in the compute dtype anyway
+        q = q[:half] | (q[half:] << 4)  # row i in the low nibble, row i + half in the high one
+    # scales in the weight's dtype: the dequantized weight is formed in the compute dtype anyway
     return q, scales.to(weight.dtype if weight.dtype.is_floating_point else torch.float32)
 
 
@@ -79,11 +93,12 @@ def dequantize(
         out.mul_(scales.to(dtype))
         return out
     half = rows // 2
-    # sign-extending nibble unpack in int8: low = (p << 4) >> 4, high = p >> 4 (arithmetic shifts)
-    out[:half].copy_(torch.bitwise_left_shift(packed, 4).bitwise_right_shift_(4))
-    out[half:].copy_(torch.bitwise_right_shift(packed, 4))
+    out[:half].copy_(packed & 0x0F)
+    out[half:].copy_(packed >> 4)  # uint8: a logical shift
     groups = scales.shape[1]
-    out.view(rows, groups, cols // groups).mul_(scales.to(dtype).unsqueeze(-1))
+    view = out.view(rows, groups, cols // groups)
+    pairs = scales.to(dtype)
+    view.mul_(pairs[..., :1]).add_(pairs[..., 1:])
     return out
 
 
