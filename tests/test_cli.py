@@ -230,3 +230,18 @@ def test_config_list_and_train_help_print_every_key(capsys):
     assert help_text.startswith("usage: tunesmith train") and out in help_text
     code, _, err = run_cli(capsys, "config")
     assert code == 2 and "tunesmith config --list" in err
+
+
+def test_the_cli_loads_the_tokenizer_with_the_configs_eos_token(tiny_run):
+    # preprocess / inspect load the tokenizer through build.tokenizer.load_by_name, as the trainer
+    # does: a config's eos_token must reach it there too, or their data would differ from training's
+    from tunesmith import SFTConfig
+    from tunesmith.build.tokenizer import load_by_name
+
+    args = SFTConfig(output_dir=str(tiny_run / "out"), eos_token="<|im_start|>")
+    tokenizer = load_by_name(tiny_run / "model", args, vision=False)
+    assert tokenizer.eos_token == "<|im_start|>"
+    assert (
+        load_by_name(tiny_run / "model", SFTConfig(output_dir=str(tiny_run / "out")), vision=False).eos_token
+        != "<|im_start|>"
+    )

@@ -15,7 +15,7 @@ def build_tokenizer(tokenizer, model, args: SFTConfig):
     loaded_text_tokenizer = False
     if tokenizer is None:
         vision = is_vision_model(model)
-        tokenizer = load_by_name(model_name(model), args, vision=vision, eos_token=args.eos_token)
+        tokenizer = load_by_name(model_name(model), args, vision=vision)
         loaded_text_tokenizer = not vision  # the loader applied the pad-token policy itself
     if not loaded_text_tokenizer:
         set_pad_token(tokenizer.tokenizer if is_processor(tokenizer) else tokenizer, args)
@@ -32,9 +32,9 @@ def build_tokenizer(tokenizer, model, args: SFTConfig):
     return tokenizer
 
 
-def load_by_name(name, args: SFTConfig, *, vision: bool, gguf_file=None, eos_token=None):
+def load_by_name(name, args: SFTConfig, *, vision: bool, gguf_file=None):
     """The tokenizer of the model `name` (or its `gguf_file`), with the config's pad token through
-    the loader's pad-token policy and `eos_token` if given; or, when `vision`, its processor as
+    the loader's pad-token policy and the config's `eos_token` if set; or, when `vision`, its processor as
     `AutoProcessor` gives it. What the trainer, `tunesmith preprocess / inspect` and the quick start
     load a tokenizer with."""
     if vision:
@@ -48,7 +48,7 @@ def load_by_name(name, args: SFTConfig, *, vision: bool, gguf_file=None, eos_tok
         trust_remote_code=args.trust_remote_code,
         gguf_file=gguf_file,
         pad_token=args.pad_token,
-        eos_token=eos_token,
+        eos_token=args.eos_token,
     )
 
 
