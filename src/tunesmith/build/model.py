@@ -33,12 +33,12 @@ def build_model(model, args: SFTConfig, peft_config):
             fp32_master_weights(args, kwargs)
         model = load_model(name, **kwargs)
     else:
+        from tunesmith.ops.quant import FORMATS, quantize_model
+
         if args.attention not in ("auto", "tunesmith_varlen"):
             unwrap(model).set_attn_implementation(args.attention)
-        if args.model_quantization in ("int8", "int4"):
+        if args.model_quantization in FORMATS:
             # tunesmith's quantization applies to a model passed in as well (before LoRA wraps its layers)
-            from tunesmith.ops.quant import quantize_model
-
             quantize_model(model, args.model_quantization)
 
     is_peft = hasattr(model, "peft_config") and hasattr(model, "get_base_model")

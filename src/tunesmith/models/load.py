@@ -390,7 +390,9 @@ def load_model(
     source = _resolve_source(name_or_path, gguf_file, **hub_kwargs)
     _check_weight_format(source, use_safetensors)
     torch_dtype = "auto" if checkpoint_dtype else resolve_dtype(dtype)
-    own_quantization = quantization in ("int8", "int4")  # applied after loading (ops.quant)
+    from tunesmith.ops.quant import FORMATS as OWN_FORMATS
+
+    own_quantization = quantization in OWN_FORMATS  # applied after loading (ops.quant)
     if quantization is not None and not own_quantization:
         kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
         if device_map is None:

@@ -18,8 +18,9 @@ and the results are exactly those of `F.linear` on `dequantize(...)`, the pure-P
 (`quantized_linear_reference`). The cost is a cast (and for int4 an unpack) per matmul.
 
 `QuantizedLinear` is an `nn.Linear` subclass (so PEFT wraps it as a base layer for LoRA) whose
-`weight` is the packed integer tensor (frozen). Merging an adapter into it is refused with a clear
-error; `tunesmith export` merges into the 16-bit base it reloads, so exports are unaffected.
+`weight` is the packed integer tensor (frozen). Merging an adapter into it is not supported (PEFT's
+merge adds into `weight` and fails on its integer dtype); `tunesmith export` merges into the 16-bit
+base it reloads, so exports are unaffected.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ FORMATS = ("int8", "int4")
 INT4_GROUP = 32
 
 
+def int4_fits(out_features: int, in_features: int) -> bool:
+    """Whether int4 can store a (out, in) weight: whole groups of inputs, rows in pairs."""
+    return in_features % INT4_GROUP == 0 and out_features % 2 == 0
+
+
 # --------------------------------------------------------------------------- quantize / dequantize
 
 
@@ -47,7 +53,7 @@ def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
     if fmt not in FORMATS:
         raise ValueError(f"quantization format must be one of {FORMATS}, not {fmt!r}")
     out_features, in_features = weight.shape
-    if fmt == "int4" and (in_features % INT4_GROUP or out_features % 2):
+    if fmt == "int4" and not int4_fits(out_features, in_features):
         raise ValueError(
             f"int4 needs in_features divisible by {INT4_GROUP} and an even out_features, got {tuple(weight.shape)}"
         )
@@ -115,11 +121,6 @@ def _scratch(shape, dtype, device) -> torch.Tensor:
     return buffer
 
 
-def release_scratch() -> None:
-    """Drop the dequantization buffers (they are made again on the next quantized matmul)."""
-    _SCRATCH.clear()
-
-
 # --------------------------------------------------------------------------- the layer
 
 
@@ -154,6 +155,8 @@ class QuantizedLinear(nn.Linear):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.quant_format = fmt
+        # PEFT reads `compute_dtype` (bitsandbytes' name) to give adapters the base layer's dtype, as it
+        # would for the float nn.Linear this replaces (its `weight` is now an integer tensor)
         self.compute_dtype = linear.weight.dtype
         packed, scales = quantize(linear.weight.detach(), fmt)
         self.weight = nn.Parameter(packed, requires_grad=False)
@@ -201,7 +204,7 @@ def quantize_model(model: nn.Module, fmt: str) -> int:
     for parent, name, child in targets:
         before += child.weight.numel() * child.weight.element_size()
         layer_fmt = fmt
-        if fmt == "int4" and (child.in_features % INT4_GROUP or child.out_features % 2):
+        if fmt == "int4" and not int4_fits(child.out_features, child.in_features):
             layer_fmt, as_int8 = "int8", as_int8 + 1  # int4 cannot store this shape
         new = QuantizedLinear(child, layer_fmt)
         after += new.weight.numel() + new.weight_scales.numel() * new.weight_scales.element_size()
@@ -210,14 +213,13 @@ def quantize_model(model: nn.Module, fmt: str) -> int:
     # A model loaded from safetensors is memory-mapped from its file: the pages of the float weights
     # just replaced stay resident (counted in the process's memory) for as long as any tensor holds
     # the mapping. Copying the few remaining tensors (embeddings, norms) out of it lets it go.
-    # (A tied weight is one Parameter object, so it stays tied.)
+    # (parameters() and buffers() give a tied weight once, and it stays one Parameter, so it stays tied.)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    quantized = {id(t) for m in layers for t in [*m.parameters(), *m.buffers()]}
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, QuantizedLinear):
-                continue
-            for tensor in [*module._parameters.values(), *module._buffers.values()]:
-                if tensor is not None:
-                    tensor.data = tensor.data.clone()
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if id(tensor) not in quantized:
+                tensor.data = tensor.data.clone()
     if as_int8:
         logger.warning(
             "int4: %d of %d linear layers have in_features not divisible by %d or an odd out_features; "
